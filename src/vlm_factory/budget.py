@@ -1,0 +1,241 @@
+"""Device memory budget of one LLaVA model per tier and export format, computed from the config alone.
+
+Parameter counts are exact for SigLIP/CLIP vision towers, the LLaVA MLP projector and
+Llama/Mistral/Qwen2 decoders. Weight sizes are estimates: every parameter is charged the
+bits per weight of the type chosen for its part of the model (see the tables below).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from vlm_factory.config import FORMATS, TierConfig
+from vlm_factory.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import LlavaConfig
+
+# Estimated bits per weight of llama.cpp GGUF types, block scales included. The K-quant "_M"
+# mixes keep some tensors at a higher type, so their average is an estimate for a Llama-like
+# LLM (Q5_K_M ~ 5.69, Q4_K_M ~ 4.85). Norms and biases (kept at F32 by llama.cpp) are charged
+# the same rate as the matrices; they are well under 1% of any real model.
+GGUF_BITS: dict[str, float] = {
+    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69,
+    "Q5_K": 5.5, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K": 4.5, "Q4_0": 4.5,
+}
+# ONNX / TFLite: one storage type for all weights (int8 = dynamic-range quantised matrices).
+PRECISION_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8}
+# Core ML palettisation: nbits indices per weight; the per-group fp16 look-up tables are ignored
+# (< 0.1% for hidden sizes of 1024 and up). Token embeddings stay at 16 bits.
+COREML_NBITS = (1, 2, 3, 4, 6, 8)
+COREML_EMBEDDING_BITS = 16
+# Bytes per KV-cache element; q8_0 and q4_0 store 32 values plus one fp16 scale per block.
+KV_DTYPE_BYTES: dict[str, Fraction] = {
+    "f32": Fraction(4), "f16": Fraction(2), "bf16": Fraction(2),
+    "q8_0": Fraction(34, 32), "q4_0": Fraction(18, 32),
+}
+# Question and answer text kept free next to the images in the context.
+TEXT_TOKENS_RESERVED = 64
+_CLS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+_TEXT_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _known(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _vision_tokens(config: "LlavaConfig") -> int:
+    vision = config.vision_config
+    if vision.model_type not in _CLS_TOKENS:
+        raise UserError(f"model config: vision tower type {vision.model_type!r} is not supported by the "
+                        f"budget; known: {_known(_CLS_TOKENS)}")
+    tokens = (vision.image_size // vision.patch_size) ** 2 + _CLS_TOKENS[vision.model_type]
+    if config.vision_feature_select_strategy == "default":
+        tokens -= 1  # LLaVA drops the first (CLS) position
+    if tokens != config.image_seq_length:
+        raise UserError(f"model config: image_seq_length is {config.image_seq_length} but the vision tower "
+                        f"yields {tokens} tokens per image; fix image_seq_length in config.json")
+    return tokens
+
+
+def _vision_params(vision) -> int:
+    h, inter, layers = vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers
+    patches = (vision.image_size // vision.patch_size) ** 2
+    attention = 4 * (h * h + h)
+    mlp = h * inter + inter + inter * h + h
+    layer = attention + 2 * 2 * h + mlp
+    conv = vision.num_channels * vision.patch_size ** 2 * h
+    if vision.model_type == "clip_vision_model":
+        # class embedding, one extra position, bias-free patch conv, pre and post layernorm
+        return h + conv + (patches + 1) * h + 2 * h + layers * layer + 2 * h
+    total = conv + h + patches * h + layers * layer + 2 * h
+    if getattr(vision, "vision_use_head", False):
+        total += h + attention + 2 * h + mlp  # attention-pooling head: probe, MHA, layernorm, mlp
+    return total
+
+
+def _projector_params(config: "LlavaConfig") -> int:
+    layers = config.vision_feature_layer
+    n_layers = 1 if isinstance(layers, int) else len(layers)
+    d_in, d_out = config.vision_config.hidden_size * n_layers, config.text_config.hidden_size
+    bias = d_out if config.multimodal_projector_bias else 0
+    return d_in * d_out + bias + d_out * d_out + bias
+
+
+def _head_dim(text) -> int:
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def _llm_params(config: "LlavaConfig") -> dict[str, int]:
+    text = config.text_config
+    if text.model_type not in _TEXT_TYPES:
+        raise UserError(f"model config: text model type {text.model_type!r} is not supported by the budget; "
+                        f"known: {_known(_TEXT_TYPES)}")
+    h, inter, hd = text.hidden_size, text.intermediate_size, _head_dim(text)
+    q, kv = text.num_attention_heads * hd, text.num_key_value_heads * hd
+    if text.model_type == "qwen2":
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    else:
+        qkv_bias = o_bias = bool(getattr(text, "attention_bias", False))
+        mlp_bias = bool(getattr(text, "mlp_bias", False))
+    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if qkv_bias else 0) + (h if o_bias else 0)
+    mlp = 3 * h * inter + ((2 * inter + h) if mlp_bias else 0)
+    layer = attention + mlp + 2 * h
+    embeddings = text.vocab_size * h
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return {"embeddings": embeddings, "lm_head": 0 if tied else embeddings,
+            "rest": text.num_hidden_layers * layer + h}
+
+
+def param_counts(config: "LlavaConfig") -> dict[str, int]:
+    """Exact parameter counts of a LLaVA model, by part, from its config alone."""
+    llm = _llm_params(config)
+    counts = {"vision_tower": _vision_params(config.vision_config), "projector": _projector_params(config),
+              "llm_embeddings": llm["embeddings"], "llm_lm_head": llm["lm_head"], "llm_rest": llm["rest"]}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def kv_cache_bytes_per_token(config: "LlavaConfig", kv_cache_dtype: str, tier_name: str = "?") -> Fraction:
+    """K and V bytes one token adds to the cache across all decoder layers."""
+    if kv_cache_dtype not in KV_DTYPE_BYTES:
+        raise UserError(f"key 'tiers.{tier_name}.kv_cache_dtype' is {kv_cache_dtype!r}; "
+                        f"known: {_known(KV_DTYPE_BYTES)}")
+    text = config.text_config
+    elements = 2 * text.num_hidden_layers * text.num_key_value_heads * _head_dim(text)
+    return elements * KV_DTYPE_BYTES[kv_cache_dtype]
+
+
+def _setting(settings: dict, table, tier_name: str, fmt: str, key: str, normalise=str):
+    value = settings.get(key)
+    try:
+        known = normalise(value) if value is not None else None
+    except ValueError:
+        known = None
+    if known not in table:
+        raise UserError(f"key 'tiers.{tier_name}.formats.{fmt}.{key}' is {value!r}; known: {_known(table)}")
+    return known
+
+
+def _weight_bits(fmt: str, settings: dict, counts: dict[str, int], tier_name: str) -> tuple[float, dict]:
+    """Total bits of all weights stored in `fmt`, and the settings that decided it."""
+    llm = counts["llm_embeddings"] + counts["llm_lm_head"] + counts["llm_rest"]
+    if fmt == "gguf":
+        types = {key: _setting(settings, GGUF_BITS, tier_name, fmt, key, lambda v: str(v).upper())
+                 for key in ("llm", "vision", "projector")}
+        bits = (llm * GGUF_BITS[types["llm"]] + counts["vision_tower"] * GGUF_BITS[types["vision"]]
+                + counts["projector"] * GGUF_BITS[types["projector"]])
+        return bits, types
+    if fmt in ("onnx", "tflite"):
+        precision = _setting(settings, PRECISION_BITS, tier_name, fmt, "precision", lambda v: str(v).lower())
+        return counts["total"] * PRECISION_BITS[precision], {"precision": precision}
+    if fmt == "coreml":
+        nbits = _setting(settings, COREML_NBITS, tier_name, fmt, "nbits", lambda v: int(str(v)))
+        embeddings = counts["llm_embeddings"]
+        return embeddings * COREML_EMBEDDING_BITS + (counts["total"] - embeddings) * nbits, {"nbits": nbits}
+    raise UserError(f"key 'tiers.{tier_name}.formats' names unknown format {fmt!r}; known: {_known(FORMATS)}")
+
+
+def _format_budget(weights_bytes: int, kv_per_token: Fraction, budget_bytes: int, context: int,
+                   image_tokens: int, max_positions: int) -> dict[str, Any]:
+    kv_at_context = math.ceil(kv_per_token * context)
+    total = weights_bytes + kv_at_context
+    free = budget_bytes - weights_bytes
+    tokens_in_memory = min(max_positions, math.floor(free / kv_per_token)) if free > 0 else 0
+    images = (context - TEXT_TOKENS_RESERVED) // image_tokens if image_tokens > 0 else 0
+    return {
+        "weights_bytes": weights_bytes,
+        "weights_bytes_in_memory": weights_bytes,  # every format here is memory-mapped as stored
+        "kv_cache_bytes_at_context": kv_at_context,
+        "total_bytes": total,
+        "fits": total <= budget_bytes,
+        "max_images_in_context": max(0, images),
+        "max_context_tokens_in_memory": max(0, tokens_in_memory),
+    }
+
+
+def _jsonable(value: Fraction) -> int | float:
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def tier_budget(config: "LlavaConfig", tier_name: str, tier: TierConfig) -> dict:
+    """Memory budget of `config` on one tier: weights and KV cache per export format the tier lists.
+
+    Raises UserError for an unknown quant type, precision or KV-cache dtype, naming the tier key.
+    """
+    counts = param_counts(config)
+    image_tokens = _vision_tokens(config)
+    kv_per_token = kv_cache_bytes_per_token(config, tier.kv_cache_dtype, tier_name)
+    budget_bytes = tier.memory_budget_mb * 2**20
+    max_positions = config.text_config.max_position_embeddings
+    formats = {}
+    for fmt, settings in tier.formats.items():
+        bits, chosen = _weight_bits(fmt, dict(settings), counts, tier_name)
+        formats[fmt] = {"settings": chosen, **_format_budget(
+            math.ceil(bits / 8), kv_per_token, budget_bytes, tier.context_tokens, image_tokens, max_positions)}
+    return {
+        "tier": tier_name,
+        "description": tier.description,
+        "memory_budget_mb": tier.memory_budget_mb,
+        "context_tokens": tier.context_tokens,
+        "kv_cache_dtype": tier.kv_cache_dtype,
+        "model_max_position_embeddings": max_positions,
+        "visual_tokens_per_image": image_tokens,
+        "kv_cache_bytes_per_token": _jsonable(kv_per_token),
+        "params": counts,
+        "formats": formats,
+    }
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f}"
+
+
+def _table(rows: list[list[str]], headers: list[str], align: list[str]) -> str:
+    try:
+        from tabulate import tabulate
+    except ImportError:
+        widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+        lines = [headers, ["-" * w for w in widths], *rows]
+        return "\n".join("  ".join(str(c).rjust(w) if a == "right" else str(c).ljust(w)
+                                   for c, w, a in zip(line, widths, align)).rstrip() for line in lines)
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True, colalign=align)
+
+
+def format_budget_table(budget: dict) -> str:
+    """A plain-text summary of `tier_budget`'s result: a header, then one aligned row per format."""
+    params = budget["params"]
+    header = (f"tier {budget['tier']}: {budget['description']}\n"
+              f"budget {budget['memory_budget_mb']} MB, context {budget['context_tokens']} tokens "
+              f"({budget['visual_tokens_per_image']} per image), KV cache {budget['kv_cache_dtype']} "
+              f"{budget['kv_cache_bytes_per_token']} B/token, {params['total']:,} parameters")
+    headers = ["format", "settings", "weights MB", "KV MB", "total MB", "fits", "images", "max tokens"]
+    align = ["left", "left", "right", "right", "right", "left", "right", "right"]
+    rows = [[fmt, " ".join(f"{k}={v}" for k, v in entry["settings"].items()),
+             _mb(entry["weights_bytes"]), _mb(entry["kv_cache_bytes_at_context"]), _mb(entry["total_bytes"]),
+             "yes" if entry["fits"] else "NO", str(entry["max_images_in_context"]),
+             str(entry["max_context_tokens_in_memory"])]
+            for fmt, entry in budget["formats"].items()]
+    return header + "\n" + _table(rows, headers, align)

@@ -1,0 +1,94 @@
+"""`vlm-factory`: the human side of the factory (the pipeline itself runs through `dvc repro`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vlm_factory.errors import UserError, exits_cleanly
+from vlm_factory.logs import setup_logging
+
+
+def _compose(args: argparse.Namespace) -> None:
+    from vlm_factory.config import compose_to_yaml
+
+    text = compose_to_yaml(args.overrides, args.config_dir)
+    if args.check:
+        current = Path(args.output).read_text(encoding="utf-8") if Path(args.output).is_file() else ""
+        if current != text:
+            raise UserError(f"{args.output}: differs from the composition of {args.config_dir}/; "
+                            "run `vlm-factory compose` and commit the result")
+        print(f"{args.output} matches {args.config_dir}/")
+        return
+    from vlm_factory.io import atomic_path
+
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output}")
+
+
+def _budget(args: argparse.Namespace) -> None:
+    from transformers import LlavaConfig
+
+    from vlm_factory.budget import format_budget_table, tier_budget
+    from vlm_factory.config import load_params
+
+    tiers = load_params(args.params).tiers
+    names = list(tiers) if args.tier == "all" else [args.tier]
+    for name in names:
+        if name not in tiers:
+            raise UserError(f"{args.params}: no tier '{name}' under 'tiers'; known: {', '.join(tiers)}")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no config.json; pass --model DIR or run `dvc repro download`")
+    config = LlavaConfig.from_pretrained(model_dir)
+    for name in names:
+        print(format_budget_table(tier_budget(config, name, tiers[name])))
+        print()
+
+
+def _ask(args: argparse.Namespace) -> None:
+    from vlm_factory.data.images import load_image
+    from vlm_factory.eval.generate import answer_questions
+    from vlm_factory.model.checkpoint import load_checkpoint
+
+    model, processor = load_checkpoint(args.model)
+    image = load_image(Path(args.image))
+    print(answer_questions(model, processor, [image], [args.question])[0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-factory", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compose = sub.add_parser("compose", help="compose conf/ into params.yaml (what DVC does before `exp run`)")
+    compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.lr=0.001")
+    compose.add_argument("--config-dir", default="conf")
+    compose.add_argument("--output", default="params.yaml")
+    compose.add_argument("--check", action="store_true", help="fail if the output differs instead of writing")
+    compose.set_defaults(func=_compose)
+
+    budget = sub.add_parser("budget", help="memory / visual-token / KV-cache budget of a device tier")
+    budget.add_argument("--tier", default="all", help="a tier name from params.yaml, or 'all'")
+    budget.add_argument("--model", default="artifacts/finetuned", help="model directory (config.json)")
+    budget.add_argument("--params", default="params.yaml")
+    budget.set_defaults(func=_budget)
+
+    ask = sub.add_parser("ask", help="ask a model (HF directory) a question about an image")
+    ask.add_argument("image")
+    ask.add_argument("question")
+    ask.add_argument("--model", default="artifacts/finetuned")
+    ask.set_defaults(func=_ask)
+    return parser
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging("WARNING" if args.command != "compose" else None)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

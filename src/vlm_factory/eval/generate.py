@@ -1,0 +1,53 @@
+"""Greedy answers from the PyTorch LLaVA model: the reference every artifact is compared with."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vlm_factory.model.prompt import user_prompt
+
+MAX_ANSWER_TOKENS = 8
+
+
+@torch.inference_mode()
+def answer_questions(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                     images: Sequence[Image.Image], questions: Sequence[str], batch_size: int = 64,
+                     image_processor=None, progress: str | None = None) -> list[str]:
+    """Greedy answers, one per (image, question).
+
+    Prompts are batched by token length, so no batch needs padding: batched generation with
+    padding and LLaVA's image-token merge is where reference implementations quietly differ.
+    `image_processor` replaces the model's own preprocessing (used to measure a centre crop).
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    model.eval()
+    tokenizer = processor.tokenizer
+    image_processor = image_processor or processor.image_processor
+    texts = [user_prompt(q) for q in questions]
+    encoded = processor.tokenizer(
+        [t.replace(processor.image_token, processor.image_token * model.config.image_seq_length) for t in texts]
+    ).input_ids
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, ids in enumerate(encoded):
+        by_length[len(ids)].append(index)
+    batches = [idx[i:i + batch_size] for idx in by_length.values() for i in range(0, len(idx), batch_size)]
+
+    answers: list[str] = [""] * len(questions)
+    for batch in tqdm(batches, desc=progress or "answer", disable=progress is None, unit="batch"):
+        input_ids = torch.tensor([encoded[i] for i in batch])
+        pixel_values = image_processor([images[i] for i in batch], return_tensors="pt").pixel_values
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            pixel_values=pixel_values.to(model.dtype), max_new_tokens=MAX_ANSWER_TOKENS, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, index in enumerate(batch):
+            answers[index] = tokenizer.decode(out[row, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    return answers

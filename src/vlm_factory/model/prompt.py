@@ -1,0 +1,34 @@
+"""The one prompt template shared by training, evaluation and every runtime adapter.
+
+LLaVA-1.5 style: `USER: <image>\\n{question} ASSISTANT:` followed by the answer and `</s>`.
+Keeping it in one place is what makes a parity comparison between runtimes meaningful.
+"""
+
+from __future__ import annotations
+
+IMAGE_TOKEN = "<image>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+
+# A Jinja chat template that renders the same text, stored with the processor for tools that use one.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} ASSISTANT:"
+    "{% else %} {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}"
+)
+
+
+def user_prompt(question: str, with_image: bool = True) -> str:
+    """The text up to and including `ASSISTANT:`; the model's answer follows after one space."""
+    image = f"{IMAGE_TOKEN}\n" if with_image else ""
+    return f"USER: {image}{question.strip()} ASSISTANT:"
+
+
+def answer_text(answer: str) -> str:
+    """What the model is trained to produce after the prompt (EOS is appended by the tokenizer step)."""
+    return f" {answer.strip()}"

@@ -1,0 +1,163 @@
+"""Builders for the tiny LLaVA-style base: config, tokenizer and processor, all in HF format.
+
+The dimensions are chosen for the exporters downstream: LLM rows are multiples of 256 (K-quants),
+vision rows multiples of 32 (Q8_0), the vision MLP is wider than its hidden size (clip.cpp swaps
+fc1/fc2 when they are equal), and the tower is SigLIP (no CLS token, which llama.cpp orders
+differently from transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from vlm_factory.data.questions import NUMBER_WORDS, QUESTION_TYPES, ask
+from vlm_factory.data.scenes import ASPECTS, sample_scene
+from vlm_factory.model.prompt import (
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    answer_text,
+    user_prompt,
+)
+
+# OpenAI CLIP statistics: LlavaImageProcessor pads with round-down(mean * 255) = (122, 116, 104),
+# the same letterbox colour llama.cpp uses for "mlp" projectors.
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN]
+
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """Every size of the tiny base; defaults are the bundled model's."""
+
+    image_size: int = 64
+    patch_size: int = 16
+    vision_hidden: int = 256
+    vision_intermediate: int = 512
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_intermediate: int = 768
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    vocab_size: int = 512
+    max_positions: int = 256
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
+    """Prompts and answers drawn from the synthetic generator itself, plus a little plain English."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_scenes):
+        scene = sample_scene(rng, ASPECTS[i % len(ASPECTS)], with_digit=True)
+        for question_type in QUESTION_TYPES:
+            qa = ask(scene, question_type, rng)
+            if qa is not None:
+                lines.append(user_prompt(qa.question) + answer_text(qa.answer) + EOS_TOKEN)
+    lines += [answer_text(word) for word in NUMBER_WORDS]
+    # Questions outside the templates should still tokenize into sensible pieces.
+    lines += ["What is in the picture? Which object is larger? Describe the image in one word."]
+    return lines
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (llama.cpp: tokenizer.ggml.model=gpt2), exactly `vocab_size` tokens long."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    # The corpus is small: pad the vocabulary with unused reserved tokens so its length is exact.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing < 0:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the byte alphabet plus special tokens")
+    tok.add_tokens([f"<reserved_{i}>" for i in range(missing)])
+    bos_id, eos_id = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos_id), (EOS_TOKEN, eos_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left", model_max_length=256,
+    )
+    assert len(fast) == vocab_size, (len(fast), vocab_size)
+    return fast
+
+
+def build_image_processor(image_size: int, letterbox: bool = True) -> LlavaImageProcessorPil:
+    """Pad to square with the mean colour, then resize: the letterbox llama.cpp applies.
+
+    With letterbox=False it is the classic CLIP preprocessing (short side resize + centre crop),
+    kept only to measure what that mistake costs on tall and wide images.
+    """
+    return LlavaImageProcessorPil(
+        do_pad=letterbox, size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_center_crop=True, do_convert_rgb=True,
+    )
+
+
+def build_processor(arch: TinyArchitecture) -> LlavaProcessor:
+    return LlavaProcessor(
+        image_processor=build_image_processor(arch.image_size), tokenizer=build_tokenizer(arch.vocab_size),
+        patch_size=arch.patch_size, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=0,
+    )
+
+
+def build_config(arch: TinyArchitecture, processor: LlavaProcessor) -> LlavaConfig:
+    tok = processor.tokenizer
+    vision = SiglipVisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
+        num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size, patch_size=arch.patch_size, vision_use_head=False,
+    )
+    text = LlamaConfig(
+        hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_kv_heads, vocab_size=arch.vocab_size,
+        max_position_embeddings=arch.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_seq_length=arch.image_tokens, tie_word_embeddings=False,
+    )
+
+
+def build_model(arch: TinyArchitecture, seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised tiny LLaVA and its processor (deterministic for a seed)."""
+    import torch
+
+    processor = build_processor(arch)
+    config = build_config(arch, processor)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    return model, processor

@@ -1,0 +1,175 @@
+"""Projector fine-tuning, the LLaVA alignment recipe.
+
+The vision tower is frozen, so its features are computed once and cached; a newly initialised
+projector is trained with answer-token cross-entropy; the LLM stays frozen unless `train.llm`
+asks for LoRA adapters (merged back before saving) or full fine-tuning. Accelerate drives the
+loop, so the same code runs on a laptop CPU, one GPU, or under `accelerate launch` / torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vlm_factory.config import TrainConfig
+from vlm_factory.data.images import load_image
+from vlm_factory.data.records import VQARecord
+from vlm_factory.model.features import merge_image_features, project, tower_features
+from vlm_factory.train.batches import EncodedQA, encode_qa, pad_batch
+
+log = logging.getLogger(__name__)
+
+
+def reinitialise_projector(model: LlavaForConditionalGeneration, seed: int) -> None:
+    """Throw away the base's projector: fresh nn.Linear initialisation, deterministic for a seed."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for module in model.model.multi_modal_projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    torch.random.set_rng_state(generator_state)
+
+
+def set_trainable(model: LlavaForConditionalGeneration, llm_mode: str, lora_rank: int, lora_alpha: int):
+    """Freeze what the recipe freezes; returns the model to train (a PEFT wrapper for LoRA)."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if llm_mode == "full":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    elif llm_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+        peft_model = get_peft_model(model, lora)
+        model.model.multi_modal_projector.requires_grad_(True)  # PEFT froze everything but the adapters
+        return peft_model
+    return model
+
+
+@torch.inference_mode()
+def cache_tower_features(model: LlavaForConditionalGeneration, processor: LlavaProcessor, data_dir: Path,
+                         image_paths: list[str], batch_size: int = 128) -> torch.Tensor:
+    """[images, tokens, vision_hidden] features of the frozen tower, in the order of `image_paths`."""
+    chunks = []
+    for start in tqdm(range(0, len(image_paths), batch_size), desc="cache tower features", unit="batch"):
+        images = [load_image(data_dir / p) for p in image_paths[start:start + batch_size]]
+        pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values
+        chunks.append(tower_features(model, pixel_values))
+    return torch.cat(chunks)
+
+
+@dataclass
+class _Example:
+    image_index: int
+    qa: EncodedQA
+
+
+class _QADataset(Dataset):
+    def __init__(self, examples: list[_Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> _Example:
+        return self.examples[i]
+
+
+def _examples(records: list[VQARecord], processor: LlavaProcessor, image_index: dict[str, int],
+              image_tokens: int) -> list[_Example]:
+    cache: dict[tuple[str, str], EncodedQA] = {}
+    examples = []
+    for r in records:
+        key = (r.question, r.multiple_choice_answer)
+        if key not in cache:
+            cache[key] = encode_qa(processor.tokenizer, r.question, r.multiple_choice_answer, image_tokens)
+        examples.append(_Example(image_index[r.image], cache[key]))
+    return examples
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor, records: list[VQARecord],
+                       data_dir: Path, cfg: TrainConfig, log_metric: Callable[[int, float], None] | None = None,
+                       ) -> tuple[LlavaForConditionalGeneration, list[float]]:
+    """Align a new projector on `records`; returns the trained model (LoRA merged) and the loss curve."""
+    from accelerate import Accelerator
+
+    started = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    reinitialise_projector(model, cfg.seed)
+    model.eval()
+    image_paths = sorted({r.image for r in records})
+    features = cache_tower_features(model, processor, data_dir, image_paths)
+    image_index = {p: i for i, p in enumerate(image_paths)}
+    examples = _examples(records, processor, image_index, model.config.image_seq_length)
+    pad_id = processor.tokenizer.pad_token_id
+
+    def collate(batch: list[_Example]) -> dict[str, torch.Tensor]:
+        out = pad_batch([ex.qa for ex in batch], pad_id)
+        out["image_index"] = torch.tensor([ex.image_index for ex in batch])
+        return out
+
+    loader = DataLoader(_QADataset(examples), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    trainable = set_trainable(model, cfg.llm, cfg.lora_rank, cfg.lora_alpha)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    trainable, optimizer, loader, scheduler = accelerator.prepare(trainable, optimizer, loader, scheduler)
+    core = accelerator.unwrap_model(trainable)
+    llava = core.get_base_model() if hasattr(core, "get_base_model") else core
+    features = features.to(accelerator.device)
+
+    losses: list[float] = []
+    step = 0
+    bar = tqdm(total=cfg.steps, desc="finetune projector", unit="step", disable=not accelerator.is_main_process)
+    while step < cfg.steps:
+        for batch in loader:
+            trainable.train()
+            embeds = merge_image_features(llava, batch["input_ids"], project(llava, features[batch["image_index"]]))
+            loss = trainable(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                window = losses[-cfg.log_every:]
+                mean = sum(window) / len(window)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                if log_metric is not None and accelerator.is_main_process:
+                    log_metric(step, mean)
+            if step >= cfg.steps:
+                break
+    bar.close()
+    trained = accelerator.unwrap_model(trainable)
+    if hasattr(trained, "merge_and_unload"):
+        trained = trained.merge_and_unload()
+    trained.requires_grad_(False)
+    trained.eval()
+    log.info("projector fine-tuned: %d steps in %.1fs, loss %.4f -> %.4f", step, time.perf_counter() - started,
+             sum(losses[:10]) / min(10, len(losses)), sum(losses[-10:]) / min(10, len(losses)))
+    return trained, losses

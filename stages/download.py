@@ -1,0 +1,27 @@
+"""Stage download: the base model (hub or local, checksummed) and the VQA data (synthetic, hub or local)."""
+
+import argparse
+from pathlib import Path
+
+from vlm_factory.config import load_params
+from vlm_factory.data.sources import fetch_data
+from vlm_factory.errors import exits_cleanly
+from vlm_factory.logs import setup_logging
+from vlm_factory.model.snapshot import fetch_model
+
+
+@exits_cleanly
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model-out", type=Path, required=True)
+    parser.add_argument("--data-out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    fetch_model(params.model, args.model_out)
+    fetch_data(params.data, args.data_out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built on the fly, the bundled base, the repository root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_BASE = ROOT / "models" / "tiny-llava-siglip"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def small_arch():
+    """A shrunk copy of the default architecture: same shapes of things, a fraction of the work."""
+    from vlm_factory.model.tiny import TinyArchitecture
+
+    return TinyArchitecture(vision_hidden=64, vision_intermediate=128, vision_layers=1, vision_heads=2,
+                            text_hidden=64, text_intermediate=128, text_layers=1, text_heads=2, text_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def random_llava(small_arch):
+    from vlm_factory.model.tiny import build_model
+
+    return build_model(small_arch, seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, random_llava) -> Path:
+    from vlm_factory.model.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "random-llava"
+    save_checkpoint(*random_llava, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset on disk, as the download stage writes it."""
+    from vlm_factory.data.synthetic import build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "data"
+    build_dataset(out, seed=7, splits={"train": (90, 4), "eval": (36, 2)}, cell_px=32)
+    return out

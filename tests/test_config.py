@@ -1,0 +1,90 @@
+"""Configuration: params.yaml is the composition of conf/, stages read exactly declared keys, errors are clear."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from vlm_factory.config import compose, compose_to_yaml, load_params
+from vlm_factory.errors import UserError
+
+
+def test_committed_params_equal_the_composition_of_conf(root):
+    committed = (root / "params.yaml").read_text()
+    assert committed == compose_to_yaml(config_dir=root / "conf"), (
+        "params.yaml is stale: run `vlm-factory compose` and commit it")
+
+
+def test_params_parse_into_the_typed_schema(root):
+    params = load_params(root / "params.yaml")
+    assert params.model.source == "local"
+    assert set(params.tiers) >= {"iphone15pro", "android_flagship", "android_budget", "jetson_orin"}
+    for tier in params.tiers.values():
+        assert tier.formats and tier.memory_budget_mb > 0
+
+
+def _declared_params(root):
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        for key in stage.get("params", stage.get("do", {}).get("params", [])):
+            yield name, key
+
+
+def test_every_declared_stage_param_exists(root):
+    params = OmegaConf.load(root / "params.yaml")
+    tiers = list(params.tiers)
+    for stage, key in _declared_params(root):
+        keys = [key.replace("${key}", t) for t in tiers] if "${key}" in key else [key]
+        for k in keys:
+            assert OmegaConf.select(params, k, default="<missing>") != "<missing>", f"{stage}: {k}"
+
+
+def test_overrides_compose_and_one_tier_changes_alone(root):
+    cfg = compose(["train.lr=0.01", "tiers.android_budget.formats.gguf.llm=Q5_K_M"], root / "conf")
+    assert cfg.train.lr == 0.01
+    assert cfg.tiers.android_budget.formats.gguf.llm == "Q5_K_M"
+    assert cfg.tiers.iphone15pro.formats.gguf.llm == "Q4_K_M"
+
+
+def test_unknown_override_key_is_one_line_error(root):
+    with pytest.raises(UserError) as err:
+        compose(["train.learning_rate=0.01"], root / "conf")
+    assert "learning_rate" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key_in_params_names_the_key(tmp_path, root):
+    text = (root / "params.yaml").read_text().replace("  lr: 0.003", "  lr: 0.003\n  momentum: 0.9", 1)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError, match=r"train\.momentum"):
+        load_params(bad)
+
+
+def test_wrong_type_and_bad_choice_are_named(tmp_path, root):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((root / "params.yaml").read_text().replace("steps: 600", "steps: many", 1))
+    with pytest.raises(UserError, match=r"train\.steps"):
+        load_params(bad)
+    bad.write_text((root / "params.yaml").read_text().replace("llm: frozen", "llm: frozzen", 1))
+    with pytest.raises(UserError, match=r"train\.llm.*frozen, lora, full"):
+        load_params(bad)
+
+
+def test_hub_model_without_pinned_revision_is_refused(tmp_path, root):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(compose_to_yaml(["model=llava_interleave_0_5b"], root / "conf"))
+    with pytest.raises(UserError, match=r"model\.revision.*40-hex"):
+        load_params(bad)
+
+
+def test_compose_check_cli_reports_staleness(tmp_path, root):
+    stale = tmp_path / "params.yaml"
+    stale.write_text("model: {}\n")
+    cmd = [sys.executable, "-m", "vlm_factory.cli", "compose", "--check", "--config-dir", str(root / "conf"),
+           "--output", str(stale)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "differs" in result.stderr
+    assert "Traceback" not in result.stderr
