@@ -4,15 +4,12 @@ Regenerate on purpose with `dvc unfreeze pretrain_base && dvc repro pretrain_bas
 """
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 
 from vlm_factory.config import load_params
 from vlm_factory.errors import UserError, exits_cleanly
 from vlm_factory.logs import setup_logging
-from vlm_factory.model.base import make_base
-from vlm_factory.model.pretrain import PretrainRecipe
-from vlm_factory.model.tiny import TinyArchitecture
+from vlm_factory.train.base import make_base
 
 
 @exits_cleanly
@@ -25,7 +22,7 @@ def main(argv=None) -> None:
     model = load_params(args.params).model
     if model.architecture is None or model.pretrain is None:
         raise UserError(f"{args.params}: model '{model.name}' has no architecture/pretrain recipe to build from")
-    make_base(args.out, TinyArchitecture(**asdict(model.architecture)), PretrainRecipe(**asdict(model.pretrain)))
+    make_base(args.out, model.architecture, model.pretrain)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def small_arch():
     """A shrunk copy of the default architecture: same shapes of things, a fraction of the work."""
-    from vlm_factory.model.tiny import TinyArchitecture
+    from vlm_factory.config import ArchitectureConfig
 
-    return TinyArchitecture(vision_hidden=64, vision_intermediate=128, vision_layers=1, vision_heads=2,
+    return ArchitectureConfig(vision_hidden=64, vision_intermediate=128, vision_layers=1, vision_heads=2,
                             text_hidden=64, text_intermediate=128, text_layers=1, text_heads=2, text_kv_heads=2)
 
 

@@ -190,16 +190,19 @@ def tier_budget(config: "LlavaConfig", tier_name: str, tier: TierConfig) -> dict
     kv_per_token = kv_cache_bytes_per_token(config, tier.kv_cache_dtype, tier_name)
     budget_bytes = tier.memory_budget_mb * 2**20
     max_positions = config.text_config.max_position_embeddings
+    # A tier's context cannot exceed what the model was built for: budget the usable context.
+    context = min(tier.context_tokens, max_positions)
     formats = {}
     for fmt, settings in tier.formats.items():
         bits, chosen = _weight_bits(fmt, dict(settings), counts, tier_name)
         formats[fmt] = {"settings": chosen, **_format_budget(
-            math.ceil(bits / 8), kv_per_token, budget_bytes, tier.context_tokens, image_tokens, max_positions)}
+            math.ceil(bits / 8), kv_per_token, budget_bytes, context, image_tokens, max_positions)}
     return {
         "tier": tier_name,
         "description": tier.description,
         "memory_budget_mb": tier.memory_budget_mb,
         "context_tokens": tier.context_tokens,
+        "effective_context_tokens": context,
         "kv_cache_dtype": tier.kv_cache_dtype,
         "model_max_position_embeddings": max_positions,
         "visual_tokens_per_image": image_tokens,
@@ -228,7 +231,7 @@ def format_budget_table(budget: dict) -> str:
     """A plain-text summary of `tier_budget`'s result: a header, then one aligned row per format."""
     params = budget["params"]
     header = (f"tier {budget['tier']}: {budget['description']}\n"
-              f"budget {budget['memory_budget_mb']} MB, context {budget['context_tokens']} tokens "
+              f"budget {budget['memory_budget_mb']} MB, context {budget['effective_context_tokens']} tokens "
               f"({budget['visual_tokens_per_image']} per image), KV cache {budget['kv_cache_dtype']} "
               f"{budget['kv_cache_bytes_per_token']} B/token, {params['total']:,} parameters")
     headers = ["format", "settings", "weights MB", "KV MB", "total MB", "fits", "images", "max tokens"]

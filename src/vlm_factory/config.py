@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -176,6 +177,9 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise UserError(f"{path}: not found; run from the project root (compose it with `vlm-factory compose`)")
     try:
         raw = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); recompose it with `vlm-factory compose`") from None
+    try:
         merged = OmegaConf.merge(OmegaConf.structured(Params), raw)
         params: Params = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlm_factory.data.scenes import COLOURS, SHAPES, Scene
+from vlm_factory.data.scenes import COLOURS, SHAPES, Scene, SceneObject
 
 QUESTION_TYPES = ("colour", "shape", "count", "position", "text", "yesno")
 ANSWER_TYPES = {"colour": "other", "shape": "other", "count": "number", "position": "other",
@@ -18,9 +18,12 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 @dataclass(frozen=True)
 class QA:
+    """A question, its answer, and the objects the answer depends on (which cells to look at)."""
+
     question: str
     answer: str
     question_type: str
+    subjects: tuple[SceneObject, ...] = ()
 
     @property
     def answer_type(self) -> str:
@@ -43,42 +46,45 @@ def ask(scene: Scene, question_type: str, rng: np.random.Generator) -> QA | None
         if not unique:
             return None
         obj = _pick(rng, unique)
-        return QA(f"What color is the {obj.shape}?", obj.colour, question_type)
+        return QA(f"What color is the {obj.shape}?", obj.colour, question_type, (obj,))
 
     if question_type == "shape":
         unique = [o for o in shapes if colour_counts[o.colour] == 1]
         if not unique:
             return None
         obj = _pick(rng, unique)
-        return QA(f"What shape is the {obj.colour} object?", obj.shape, question_type)
+        return QA(f"What shape is the {obj.colour} object?", obj.shape, question_type, (obj,))
 
     if question_type == "count":
         variant = int(rng.integers(3))
         if variant == 0:
-            return QA("How many shapes are there?", str(len(shapes)), question_type)
+            return QA("How many shapes are there?", str(len(shapes)), question_type, tuple(shapes))
         if variant == 1:
             shape = _pick(rng, list(SHAPES))
-            return QA(f"How many {shape}s are there?", str(shape_counts[shape]), question_type)
+            return QA(f"How many {shape}s are there?", str(shape_counts[shape]), question_type,
+                      tuple(o for o in shapes if o.shape == shape))
         colour = _pick(rng, list(COLOURS))
-        return QA(f"How many {colour} shapes are there?", str(colour_counts[colour]), question_type)
+        return QA(f"How many {colour} shapes are there?", str(colour_counts[colour]), question_type,
+                  tuple(o for o in shapes if o.colour == colour))
 
     if question_type == "position":
         unique = [o for o in shapes if pair_counts[(o.colour, o.shape)] == 1]
         if not unique:
             return None
         obj = _pick(rng, unique)
-        return QA(f"Where is the {obj.colour} {obj.shape}?", scene.position_of(obj), question_type)
+        return QA(f"Where is the {obj.colour} {obj.shape}?", scene.position_of(obj), question_type, (obj,))
 
     if question_type == "text":
         digit = scene.digit
         if digit is None:
             return None
-        return QA("What number is written in the image?", digit.digit, question_type)
+        return QA("What number is written in the image?", digit.digit, question_type, (digit,))
 
     if question_type == "yesno":
         if rng.random() < 0.5 and shapes:
             obj = _pick(rng, shapes)
-            return QA(f"Is there a {obj.colour} {obj.shape}?", "yes", question_type)
+            matches = tuple(o for o in shapes if (o.colour, o.shape) == (obj.colour, obj.shape))
+            return QA(f"Is there a {obj.colour} {obj.shape}?", "yes", question_type, matches)
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pair_counts]
         colour, shape = _pick(rng, absent)
         return QA(f"Is there a {colour} {shape}?", "no", question_type)

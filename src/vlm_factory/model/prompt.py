@@ -1,7 +1,11 @@
 """The one prompt template shared by training, evaluation and every runtime adapter.
 
-LLaVA-1.5 style: `USER: <image>\\n{question} ASSISTANT:` followed by the answer and `</s>`.
-Keeping it in one place is what makes a parity comparison between runtimes meaningful.
+LLaVA-1.5 style turns, question first: `USER: {question}\\n<image> ASSISTANT:`, then the answer
+and `</s>`. With the question before the image, every image token can already see what is asked
+and mark itself relevant, so a tiny LLM only has to gather marked tokens at the answer; with the
+image first it must learn query-key binding from scratch, which a 2-layer model trained on a CPU
+did not within the time budget. Keeping the template in one place is what makes a parity
+comparison between runtimes meaningful.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ PAD_TOKEN = "<pad>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %} ASSISTANT:"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}\n<image>{% endif %}{% endfor %}"
+    " ASSISTANT:"
     "{% else %} {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
     "{% endfor %}"
 )
@@ -25,8 +29,8 @@ CHAT_TEMPLATE = (
 
 def user_prompt(question: str, with_image: bool = True) -> str:
     """The text up to and including `ASSISTANT:`; the model's answer follows after one space."""
-    image = f"{IMAGE_TOKEN}\n" if with_image else ""
-    return f"USER: {image}{question.strip()} ASSISTANT:"
+    image = f"\n{IMAGE_TOKEN}" if with_image else ""
+    return f"USER: {question.strip()}{image} ASSISTANT:"
 
 
 def answer_text(answer: str) -> str:

@@ -8,8 +8,6 @@ differently from transformers).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -23,6 +21,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from vlm_factory.config import ArchitectureConfig
 from vlm_factory.data.questions import NUMBER_WORDS, QUESTION_TYPES, ask
 from vlm_factory.data.scenes import ASPECTS, sample_scene
 from vlm_factory.model.prompt import (
@@ -40,29 +39,6 @@ from vlm_factory.model.prompt import (
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN]
-
-
-@dataclass(frozen=True)
-class TinyArchitecture:
-    """Every size of the tiny base; defaults are the bundled model's."""
-
-    image_size: int = 64
-    patch_size: int = 16
-    vision_hidden: int = 256
-    vision_intermediate: int = 512
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 256
-    text_intermediate: int = 768
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 4
-    vocab_size: int = 512
-    max_positions: int = 256
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
@@ -120,7 +96,7 @@ def build_image_processor(image_size: int, letterbox: bool = True) -> LlavaImage
     )
 
 
-def build_processor(arch: TinyArchitecture) -> LlavaProcessor:
+def build_processor(arch: ArchitectureConfig) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=build_image_processor(arch.image_size), tokenizer=build_tokenizer(arch.vocab_size),
         patch_size=arch.patch_size, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
@@ -128,7 +104,7 @@ def build_processor(arch: TinyArchitecture) -> LlavaProcessor:
     )
 
 
-def build_config(arch: TinyArchitecture, processor: LlavaProcessor) -> LlavaConfig:
+def build_config(arch: ArchitectureConfig, processor: LlavaProcessor) -> LlavaConfig:
     tok = processor.tokenizer
     vision = SiglipVisionConfig(
         hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
@@ -145,11 +121,11 @@ def build_config(arch: TinyArchitecture, processor: LlavaProcessor) -> LlavaConf
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
-        image_seq_length=arch.image_tokens, tie_word_embeddings=False,
+        image_seq_length=(arch.image_size // arch.patch_size) ** 2, tie_word_embeddings=False,
     )
 
 
-def build_model(arch: TinyArchitecture, seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_model(arch: ArchitectureConfig, seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised tiny LLaVA and its processor (deterministic for a seed)."""
     import torch
 

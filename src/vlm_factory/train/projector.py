@@ -9,7 +9,6 @@ loop, so the same code runs on a laptop CPU, one GPU, or under `accelerate launc
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from vlm_factory.data.images import load_image
 from vlm_factory.data.records import VQARecord
 from vlm_factory.model.features import merge_image_features, project, tower_features
 from vlm_factory.train.batches import EncodedQA, encode_qa, pad_batch
+from vlm_factory.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,6 @@ def _examples(records: list[VQARecord], processor: LlavaProcessor, image_index: 
     return examples
 
 
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor, records: list[VQARecord],
                        data_dir: Path, cfg: TrainConfig, log_metric: Callable[[int, float], None] | None = None,
                        ) -> tuple[LlavaForConditionalGeneration, list[float]]:
@@ -114,6 +105,7 @@ def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     from accelerate import Accelerator
 
     started = time.perf_counter()
+    torch.set_flush_denormal(True)  # denormal gradients slow CPU training several-fold
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     reinitialise_projector(model, cfg.seed)
@@ -134,7 +126,7 @@ def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     trainable = set_trainable(model, cfg.llm, cfg.lora_rank, cfg.lora_alpha)
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     trainable, optimizer, loader, scheduler = accelerator.prepare(trainable, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(trainable)
     llava = core.get_base_model() if hasattr(core, "get_base_model") else core

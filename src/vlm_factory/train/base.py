@@ -15,8 +15,9 @@ from vlm_factory.eval.generate import answer_questions
 from vlm_factory.eval.report import accuracy_report
 from vlm_factory.eval.vqa_metric import vqa_score
 from vlm_factory.model.checkpoint import save_checkpoint
-from vlm_factory.model.pretrain import PretrainRecipe, prepare_data, pretrain
-from vlm_factory.model.tiny import TinyArchitecture, build_model
+from vlm_factory.config import ArchitectureConfig, PretrainConfig
+from vlm_factory.train.pretrain import prepare_data, pretrain
+from vlm_factory.model.tiny import build_model
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,11 @@ It exists so the factory runs end to end with no network; it knows nothing of re
 """
 
 
-def make_base(out_dir: Path, arch: TinyArchitecture, recipe: PretrainRecipe) -> dict:
+def make_base(out_dir: Path, arch: ArchitectureConfig, recipe: PretrainConfig) -> dict:
     """Pretrain a tiny base into `out_dir` (atomically); returns the final accuracy report."""
     started = time.perf_counter()
     model, processor = build_model(arch, recipe.seed)
-    data = prepare_data(recipe, processor, arch.image_tokens, arch.image_size, arch.patch_size)
+    data = prepare_data(recipe, processor, model.config.image_seq_length, arch.image_size, arch.patch_size)
     held_out = list(iter_split(recipe.seed, "eval", recipe.eval_images, 2, recipe.cell_px))
     images = [it.image for it in held_out for _ in it.qas]
     qas = [qa for it in held_out for qa in it.qas]
