@@ -65,7 +65,7 @@ def test_local_source_is_verified_and_copied(tmp_path, random_checkpoint):
     out = tmp_path / "base"
     sums = fetch_local(random_checkpoint, out)
     assert (out / CHECKSUM_FILE).is_file()
-    assert set(sums) <= {p.name for p in out.iterdir()}
+    assert set(sums) == {p.name for p in out.iterdir()} - {CHECKSUM_FILE}
     assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
 
 
@@ -113,3 +113,13 @@ def test_checkpoint_with_checksums_names_the_corrupt_file(tmp_path, random_check
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match=r"model\.safetensors: sha256"):
         load_checkpoint(broken)
+
+
+def test_unlisted_file_in_local_source_is_refused(tmp_path, random_checkpoint):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(random_checkpoint, copy)
+    (copy / "extra.json").write_text("{}")
+    with pytest.raises(UserError, match=r"extra\.json not listed in SHA256SUMS"):
+        fetch_local(copy, tmp_path / "base")

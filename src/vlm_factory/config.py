@@ -83,7 +83,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 600
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
     lora_rank: int = 8

@@ -69,20 +69,34 @@ def verify_checksums(directory: Path) -> dict[str, str]:
     return sums
 
 
-def _copy_model_files(src: Path, dst: Path, names: list[str]) -> None:
-    for name in names:
-        shutil.copy2(src / name, dst / name)
+def _model_files(directory: Path) -> list[str]:
+    # A hub cache folder can hold more than allow_patterns fetched (pickles included): filter here.
+    return sorted(p.name for p in directory.iterdir()
+                  if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS))
+
+
+def materialise(snapshot: Path, out_dir: Path, source: str) -> dict[str, str]:
+    """The common end of every source: model files only (never pickles), copied atomically, checksummed."""
+    names = _model_files(snapshot)
+    if not any(n.endswith(".safetensors") for n in names):
+        raise UserError(f"{source}: no .safetensors weights; pickled weights are never loaded "
+                        "(convert them to safetensors first)")
+    with atomic_dir(out_dir) as tmp:
+        for name in names:
+            shutil.copy2(snapshot / name, tmp / name)  # follows the hub cache's symlinks to blobs
+        return write_checksums(tmp)
 
 
 def fetch_local(path: Path, out_dir: Path) -> dict[str, str]:
-    """Verify a local model directory against its SHA256SUMS and copy it to `out_dir`."""
+    """Verify a local model directory against its SHA256SUMS, then materialise it in `out_dir`."""
     if not path.is_dir():
         raise UserError(f"{path}: model directory not found (model.path); check the path or use model.source=hub")
     sums = verify_checksums(path)
-    with atomic_dir(out_dir) as tmp:
-        _copy_model_files(path, tmp, sorted(sums))
-        write_checksums(tmp)
-    return sums
+    unlisted = [name for name in _model_files(path) if name not in sums]
+    if unlisted:
+        raise UserError(f"{path}: {', '.join(unlisted)} not listed in {CHECKSUM_FILE}; "
+                        "add their sha256 or remove them")
+    return materialise(path, out_dir, str(path))
 
 
 def _download(repo_id: str, revision: str, kwargs: dict) -> Path:
@@ -126,16 +140,8 @@ def fetch_hub(repo_id: str, revision: str, out_dir: Path, *, cache_dir: Path | N
         log.info("%s@%s found in the local Hugging Face cache", repo_id, revision[:12])
     except LocalEntryNotFoundError:
         snapshot = _download(repo_id, revision, kwargs)
-    # The cached snapshot folder can hold more than allow_patterns fetched (pickles included): filter again.
-    names = sorted(p.name for p in snapshot.iterdir()
-                   if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS))
-    if not any(n.endswith(".safetensors") for n in names):
-        raise UserError(f"{repo_id}@{revision}: the snapshot has no .safetensors weights; pickled weights are "
-                        "never loaded (convert them to safetensors first)")
-    with atomic_dir(out_dir) as tmp:
-        _copy_model_files(snapshot, tmp, names)
-        sums = write_checksums(tmp)
-    log.info("fetched %s@%s (%d files) in %.1fs", repo_id, revision[:12], len(names), time.perf_counter() - started)
+    sums = materialise(snapshot, out_dir, f"{repo_id}@{revision}")
+    log.info("fetched %s@%s (%d files) in %.1fs", repo_id, revision[:12], len(sums), time.perf_counter() - started)
     return sums
 
 

@@ -29,14 +29,31 @@ from vlm_factory.train.schedule import warmup_cosine
 log = logging.getLogger(__name__)
 
 
-def reinitialise_projector(model: LlavaForConditionalGeneration, seed: int) -> None:
-    """Throw away the base's projector: fresh nn.Linear initialisation, deterministic for a seed."""
+def reinitialise_projector(model: LlavaForConditionalGeneration, seed: int,
+                           features: torch.Tensor | None = None) -> None:
+    """Throw away the base's projector: fresh nn.Linear initialisation, deterministic for a seed.
+
+    With `features` (tower outputs), the new output layer is rescaled so that its embeddings have
+    the mean norm the old projector's had: the frozen LLM was trained on image embeddings of that
+    scale, and a random projector starts an order of magnitude off, which the answer loss alone
+    corrects only slowly. Only that one scalar survives from the old projector.
+    """
+    projector = model.model.multi_modal_projector
+    target_norm = None
+    if features is not None:
+        with torch.no_grad():
+            target_norm = projector(features).norm(dim=-1).mean()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    for module in model.model.multi_modal_projector.modules():
+    for module in projector.modules():
         if isinstance(module, torch.nn.Linear):
             module.reset_parameters()
     torch.random.set_rng_state(generator_state)
+    if target_norm is not None:
+        with torch.no_grad():
+            scale = target_norm / projector(features).norm(dim=-1).mean()
+            projector.linear_2.weight.mul_(scale)
+            projector.linear_2.bias.mul_(scale)
 
 
 def set_trainable(model: LlavaForConditionalGeneration, llm_mode: str, lora_rank: int, lora_alpha: int):
@@ -108,10 +125,10 @@ def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     torch.set_flush_denormal(True)  # denormal gradients slow CPU training several-fold
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
-    reinitialise_projector(model, cfg.seed)
     model.eval()
     image_paths = sorted({r.image for r in records})
     features = cache_tower_features(model, processor, data_dir, image_paths)
+    reinitialise_projector(model, cfg.seed, features[:256])
     image_index = {p: i for i, p in enumerate(image_paths)}
     examples = _examples(records, processor, image_index, model.config.image_seq_length)
     pad_id = processor.tokenizer.pad_token_id
