@@ -55,7 +55,7 @@ def test_unknown_override_key_is_one_line_error(root):
 
 
 def test_unknown_key_in_params_names_the_key(tmp_path, root):
-    text = (root / "params.yaml").read_text().replace("  lr: 0.003", "  lr: 0.003\n  momentum: 0.9", 1)
+    text = (root / "params.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  momentum: 0.9\n", 1)
     bad = tmp_path / "params.yaml"
     bad.write_text(text)
     with pytest.raises(UserError, match=r"train\.momentum"):
