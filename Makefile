@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 repro: install
 	$(RUN) dvc repro
-	$(RUN) dvc metrics show
+	$(RUN) dvc metrics show metrics/reference.json
 
 test: install
 	$(RUN) pytest

@@ -1,6 +1,7 @@
 """Stage finetune: align a new projector between the frozen vision tower and the (frozen) LLM."""
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from vlm_factory.config import load_params
@@ -25,15 +26,23 @@ def main(argv=None) -> None:
     model, processor = load_checkpoint(args.base)
     records = read_jsonl(args.data / "train.jsonl")
 
+    from accelerate import PartialState
     from dvclive import Live
 
-    with Live(str(args.metrics_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        def log_loss(step: int, loss: float) -> None:
-            live.step = step
-            live.log_metric("train/loss", loss)
+    # Under `accelerate launch` every process trains; only the main one logs and writes outputs.
+    main_process = PartialState().is_main_process
+    with contextlib.ExitStack() as stack:
+        log_loss = None
+        if main_process:
+            live = stack.enter_context(Live(str(args.metrics_dir), dvcyaml=None, save_dvc_exp=False, report=None))
+
+            def log_loss(step: int, loss: float) -> None:
+                live.step = step
+                live.log_metric("train/loss", loss)
 
         model, _ = finetune_projector(model, processor, records, args.data, cfg, log_metric=log_loss)
-    save_checkpoint(model, processor, args.out)
+    if main_process:
+        save_checkpoint(model, processor, args.out)
 
 
 if __name__ == "__main__":

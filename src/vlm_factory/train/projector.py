@@ -174,6 +174,7 @@ def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
             if step >= cfg.steps:
                 break
     bar.close()
+    accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(trainable)
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
