@@ -159,6 +159,38 @@ def prepare_data(recipe: PretrainConfig, processor: LlavaProcessor, image_tokens
                         torch.tensor(answers))
 
 
+class Scaffolding(nn.Module):
+    """Every training-only head: tower attributes, per image token relevance and answer token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.tower = AuxHeads(config.vision_config.hidden_size)
+        self.relevance = nn.Linear(config.text_config.hidden_size, 1)
+        self.answer = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size)
+        # The image tokens' states entering the last layer are what the answer position attends to.
+        self.probe_layer = config.text_config.num_hidden_layers - 1
+
+
+def step_losses(model: LlavaForConditionalGeneration, heads: Scaffolding, data: PretrainData, idx: torch.Tensor,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer loss, tower attribute loss, relevance + answer-token loss) for the images `idx`."""
+    features = tower_features(model, data.pixel_values[idx].float())
+    aux_loss = heads.tower.loss(features, data.labels[idx])
+    items = [qa for i in idx.tolist() for qa in data.qas[i]]
+    batch = pad_batch(items, pad_id)
+    per_image = len(data.qas[0])
+    embeds = merge_image_features(model, batch["input_ids"],
+                                  project(model, features).repeat_interleave(per_image, dim=0))
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                output_hidden_states=True)
+    image_states = out.hidden_states[heads.probe_layer][batch["input_ids"] == model.config.image_token_id]
+    relevance_loss = nn.functional.binary_cross_entropy_with_logits(
+        heads.relevance(image_states).squeeze(-1), data.relevance[idx].flatten())
+    relevance_loss = relevance_loss + nn.functional.cross_entropy(
+        heads.answer(image_states), data.answers[idx].flatten(), ignore_index=IGNORE_INDEX)
+    return out.loss, aux_loss, relevance_loss
+
+
 def pretrain(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: PretrainConfig,
              data: PretrainData, evaluate=None) -> list[dict]:
     """Train every weight of `model` in place; returns the loss/eval history."""
@@ -167,13 +199,8 @@ def pretrain(model: LlavaForConditionalGeneration, processor: LlavaProcessor, re
     torch.set_flush_denormal(True)
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    aux = AuxHeads(model.config.vision_config.hidden_size)
-    relevance_head = nn.Linear(model.config.text_config.hidden_size, 1)
-    answer_head = nn.Linear(model.config.text_config.hidden_size, model.config.text_config.vocab_size)
-    # The image tokens' states entering the last layer are what the answer position attends to.
-    probe_layer = model.config.text_config.num_hidden_layers - 1
-    scaffolding = [aux, relevance_head, answer_head]
-    params = list(model.parameters()) + [p for m in scaffolding for p in m.parameters()]
+    heads = Scaffolding(model.config)
+    params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.steps, recipe.min_lr_ratio))
@@ -184,21 +211,7 @@ def pretrain(model: LlavaForConditionalGeneration, processor: LlavaProcessor, re
     for step in bar:
         model.train()
         idx = torch.randint(len(data.qas), (recipe.batch_images,), generator=generator)
-        features = tower_features(model, data.pixel_values[idx].float())
-        aux_loss = aux.loss(features, data.labels[idx])
-        items = [qa for i in idx.tolist() for qa in data.qas[i]]
-        per_image = len(data.qas[0])
-        batch = pad_batch(items, pad_id)
-        embeds = merge_image_features(model, batch["input_ids"],
-                                      project(model, features).repeat_interleave(per_image, dim=0))
-        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    output_hidden_states=True)
-        image_states = out.hidden_states[probe_layer][batch["input_ids"] == model.config.image_token_id]
-        relevance_loss = nn.functional.binary_cross_entropy_with_logits(
-            relevance_head(image_states).squeeze(-1), data.relevance[idx].flatten())
-        relevance_loss = relevance_loss + nn.functional.cross_entropy(
-            answer_head(image_states), data.answers[idx].flatten(), ignore_index=IGNORE_INDEX)
-        lm_loss = out.loss
+        lm_loss, aux_loss, relevance_loss = step_losses(model, heads, data, idx, pad_id)
         loss = lm_loss + recipe.aux_weight * (aux_loss + relevance_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
