@@ -10,9 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from vlm_factory.model.prompt import user_prompt
-
-MAX_ANSWER_TOKENS = 8
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, user_prompt
 
 
 @torch.inference_mode()

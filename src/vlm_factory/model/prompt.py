@@ -14,6 +14,8 @@ IMAGE_TOKEN = "<image>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
+# Greedy answers are short words; every runtime stops here at the latest.
+MAX_ANSWER_TOKENS = 8
 
 # A Jinja chat template that renders the same text, stored with the processor for tools that use one.
 CHAT_TEMPLATE = (

@@ -1,0 +1,88 @@
+"""The vision half of the llama.cpp packaging: SigLIP tower + LLaVA MLP projector as an mmproj GGUF.
+
+llama.cpp's loader wants the projector as `mm.0` / `mm.2` (gguf-py's name map says `mm.1`), and
+LLaVA reads the tower's last hidden state *before* SigLIP's post-layernorm
+(`vision_feature_layer=-1`), so the post-layernorm is left out: clip.cpp applies it when present.
+Preprocessing (image size, mean, std) comes from the model's own processor config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from vlm_factory.errors import UserError
+from vlm_factory.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+PROJECTOR_NAMES = {"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"}
+
+
+def _gguf_name(key: str, name_map) -> str | None:
+    for hf, gg in PROJECTOR_NAMES.items():
+        if key.startswith(hf + "."):
+            return gg + key[len(hf):]
+    if "post_layernorm" in key:
+        return None
+    # Checkpoints store the tower as `vision_tower.*`; gguf-py's map knows `vision_tower.vision_model.*`.
+    name = name_map.get_name(key.replace("vision_tower.", "vision_tower.vision_model.", 1),
+                             try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise UserError(f"tensor {key} has no mmproj name; unsupported vision tower layout")
+    return name
+
+
+def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
+    """Write the vision tower and projector of an HF LLaVA directory as an F32 mmproj GGUF."""
+    import gguf
+    from safetensors import safe_open
+    from transformers import LlavaConfig
+
+    config = LlavaConfig.from_pretrained(model_dir)
+    vision = config.vision_config
+    if vision.model_type != "siglip_vision_model" or config.vision_feature_layer != -1:
+        raise UserError(f"{model_dir}: only SigLIP towers read at vision_feature_layer=-1 are exported to mmproj "
+                        f"(got {vision.model_type}, layer {config.vision_feature_layer}); llama.cpp orders "
+                        "CLIP's CLS token differently from transformers")
+    if config.projector_hidden_act != "gelu":
+        raise UserError(f"{model_dir}: projector activation {config.projector_hidden_act!r}; llama.cpp's 'mlp' "
+                        "projector is GELU")
+    processor = json.loads((model_dir / "processor_config.json").read_text(encoding="utf-8"))["image_processor"]
+    writer_summary: dict[str, str] = {}
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="clip")
+        writer.add_type(gguf.GGUFType.MMPROJ)
+        writer.add_name(model_dir.name)
+        writer.add_clip_has_vision_encoder(True)
+        writer.add_clip_projector_type("mlp")
+        writer.add_vision_projection_dim(config.text_config.hidden_size)
+        writer.add_vision_image_size(vision.image_size)
+        writer.add_vision_patch_size(vision.patch_size)
+        writer.add_vision_embedding_length(vision.hidden_size)
+        writer.add_vision_feed_forward_length(vision.intermediate_size)
+        writer.add_vision_block_count(vision.num_hidden_layers)
+        writer.add_vision_head_count(vision.num_attention_heads)
+        writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
+        writer.add_vision_image_mean(processor["image_mean"])
+        writer.add_vision_image_std(processor["image_std"])
+        writer.add_vision_use_gelu(True)
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
+        for weights in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(weights, framework="np") as f:
+                for key in f.keys():
+                    if not key.startswith(("vision_tower.", "multi_modal_projector.")):
+                        continue
+                    name = _gguf_name(key, name_map)
+                    if name is not None:
+                        writer.add_tensor(name, f.get_tensor(key).astype(np.float32))
+                        writer_summary[name] = "F32"
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    log.info("wrote %s: %d tensors", out_path, len(writer_summary))
+    return writer_summary
