@@ -10,7 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, user_prompt
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, expand_image_tokens, user_prompt
 
 
 @torch.inference_mode()
@@ -28,9 +28,8 @@ def answer_questions(model: LlavaForConditionalGeneration, processor: LlavaProce
     model.eval()
     tokenizer = processor.tokenizer
     image_processor = image_processor or processor.image_processor
-    texts = [user_prompt(q) for q in questions]
-    encoded = processor.tokenizer(
-        [t.replace(processor.image_token, processor.image_token * model.config.image_seq_length) for t in texts]
+    encoded = tokenizer(
+        [expand_image_tokens(user_prompt(q), model.config.image_seq_length) for q in questions]
     ).input_ids
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, ids in enumerate(encoded):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_factory.errors import UserError
-from vlm_factory.io import atomic_path
+from vlm_factory.export.gguf_io import checkpoint_tensors, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,24 @@ def _write_tokenizer(writer, model_dir: Path, config) -> None:
         writer.add_chat_template(template.read_text(encoding="utf-8"))
 
 
+def _add_hparams(writer, name: str, text, file_type: str) -> None:
+    writer.add_name(name)
+    writer.add_context_length(text.max_position_embeddings)
+    writer.add_embedding_length(text.hidden_size)
+    writer.add_block_count(text.num_hidden_layers)
+    writer.add_feed_forward_length(text.intermediate_size)
+    writer.add_head_count(text.num_attention_heads)
+    writer.add_head_count_kv(text.num_key_value_heads)
+    writer.add_rope_dimension_count(text.head_dim)
+    writer.add_rope_freq_base(float(text.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(text.rms_norm_eps)
+    writer.add_vocab_size(text.vocab_size)
+    writer.add_file_type(FILE_TYPES[file_type])
+
+
 def write_llm_gguf(model_dir: Path, out_path: Path, file_type: str = "F16") -> dict:
     """Write the LLM of an HF LLaVA directory as GGUF (F32 or F16; K-quants come from llama.cpp's quantizer)."""
     import gguf
-    from safetensors import safe_open
     from transformers import LlavaConfig
 
     if file_type not in FILE_TYPES:
@@ -87,46 +101,27 @@ def write_llm_gguf(model_dir: Path, out_path: Path, file_type: str = "F16") -> d
     text = config.text_config
     if text.model_type != "llama":
         raise UserError(f"{model_dir}: LLM type {text.model_type!r} is not supported by the GGUF exporter (llama)")
-    n_head, n_kv = text.num_attention_heads, text.num_key_value_heads
+    rotary_heads = {"q_proj.weight": text.num_attention_heads, "k_proj.weight": text.num_key_value_heads}
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, text.num_hidden_layers)
     summary: dict[str, str] = {}
-    with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch="llama")
-        writer.add_name(model_dir.name)
-        writer.add_context_length(text.max_position_embeddings)
-        writer.add_embedding_length(text.hidden_size)
-        writer.add_block_count(text.num_hidden_layers)
-        writer.add_feed_forward_length(text.intermediate_size)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(text.head_dim)
-        writer.add_rope_freq_base(float(text.rope_parameters["rope_theta"]))
-        writer.add_layer_norm_rms_eps(text.rms_norm_eps)
-        writer.add_vocab_size(text.vocab_size)
-        writer.add_file_type(FILE_TYPES[file_type])
+
+    def fill(writer) -> None:
+        _add_hparams(writer, model_dir.name, text, file_type)
         _write_tokenizer(writer, model_dir, config)
-        for weights in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(weights, framework="np") as f:
-                for key in f.keys():
-                    if not key.startswith(LLM_PREFIX):
-                        continue
-                    hf_name = key[len(LLM_PREFIX):]
-                    name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                    if name is None:
-                        raise UserError(f"{weights}: tensor {key} has no GGUF name; unsupported checkpoint layout")
-                    data = f.get_tensor(key).astype(np.float32)
-                    if hf_name.endswith("q_proj.weight"):
-                        data = permute_rotary(data, n_head)
-                    elif hf_name.endswith("k_proj.weight"):
-                        data = permute_rotary(data, n_kv)
-                    # Norms stay F32 (as llama.cpp's converter keeps 1-D tensors); matrices take the file type.
-                    if file_type == "F16" and data.ndim == 2:
-                        data = data.astype(np.float16)
-                    writer.add_tensor(name, data)
-                    summary[name] = "F16" if data.dtype == np.float16 else "F32"
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        for key, data in checkpoint_tensors(model_dir, (LLM_PREFIX,)):
+            hf_name = key[len(LLM_PREFIX):]
+            name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise UserError(f"{model_dir}: tensor {key} has no GGUF name; unsupported checkpoint layout")
+            heads = next((n for suffix, n in rotary_heads.items() if hf_name.endswith(suffix)), None)
+            if heads is not None:
+                data = permute_rotary(data, heads)
+            # Norms stay F32 (as llama.cpp's converter keeps 1-D tensors); matrices take the file type.
+            if file_type == "F16" and data.ndim == 2:
+                data = data.astype(np.float16)
+            writer.add_tensor(name, data)
+            summary[name] = "F16" if data.dtype == np.float16 else "F32"
+
+    write_gguf(out_path, "llama", fill)
     log.info("wrote %s: %d tensors (%s)", out_path, len(summary), file_type)
     return summary

@@ -12,10 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from vlm_factory.errors import UserError
-from vlm_factory.io import atomic_path
+from vlm_factory.export.gguf_io import checkpoint_tensors, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ def _gguf_name(key: str, name_map) -> str | None:
 def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
     """Write the vision tower and projector of an HF LLaVA directory as an F32 mmproj GGUF."""
     import gguf
-    from safetensors import safe_open
     from transformers import LlavaConfig
 
     config = LlavaConfig.from_pretrained(model_dir)
@@ -52,9 +49,10 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
         raise UserError(f"{model_dir}: projector activation {config.projector_hidden_act!r}; llama.cpp's 'mlp' "
                         "projector is GELU")
     processor = json.loads((model_dir / "processor_config.json").read_text(encoding="utf-8"))["image_processor"]
-    writer_summary: dict[str, str] = {}
-    with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch="clip")
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
+    summary: dict[str, str] = {}
+
+    def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.MMPROJ)
         writer.add_name(model_dir.name)
         writer.add_clip_has_vision_encoder(True)
@@ -70,19 +68,12 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
         writer.add_vision_image_mean(processor["image_mean"])
         writer.add_vision_image_std(processor["image_std"])
         writer.add_vision_use_gelu(True)
-        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
-        for weights in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(weights, framework="np") as f:
-                for key in f.keys():
-                    if not key.startswith(("vision_tower.", "multi_modal_projector.")):
-                        continue
-                    name = _gguf_name(key, name_map)
-                    if name is not None:
-                        writer.add_tensor(name, f.get_tensor(key).astype(np.float32))
-                        writer_summary[name] = "F32"
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    log.info("wrote %s: %d tensors", out_path, len(writer_summary))
-    return writer_summary
+        for key, data in checkpoint_tensors(model_dir, ("vision_tower.", "multi_modal_projector.")):
+            name = _gguf_name(key, name_map)
+            if name is not None:
+                writer.add_tensor(name, data)
+                summary[name] = "F32"
+
+    write_gguf(out_path, "clip", fill)
+    log.info("wrote %s: %d tensors", out_path, len(summary))
+    return summary

@@ -35,6 +35,11 @@ def user_prompt(question: str, with_image: bool = True) -> str:
     return f"USER: {question.strip()}{image} ASSISTANT:"
 
 
+def expand_image_tokens(text: str, image_tokens: int) -> str:
+    """One `<image>` placeholder per visual token, as LlavaProcessor expands it before tokenizing."""
+    return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens)
+
+
 def answer_text(answer: str) -> str:
     """What the model is trained to produce after the prompt (EOS is appended by the tokenizer step)."""
     return f" {answer.strip()}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vlm_factory.model.prompt import IMAGE_TOKEN, answer_text, user_prompt
+from vlm_factory.model.prompt import answer_text, expand_image_tokens, user_prompt
 
 IGNORE_INDEX = -100
 
@@ -20,7 +20,7 @@ class EncodedQA:
 
 def encode_qa(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, image_tokens: int) -> EncodedQA:
     """Token ids and labels (-100 on the prompt) for one question about one image."""
-    prompt = user_prompt(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens)
+    prompt = expand_image_tokens(user_prompt(question), image_tokens)
     prompt_ids = tokenizer(prompt).input_ids  # adds BOS
     answer_ids = tokenizer(answer_text(answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return EncodedQA(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
