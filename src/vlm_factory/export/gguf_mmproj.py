@@ -3,6 +3,8 @@
 llama.cpp's loader wants the projector as `mm.0` / `mm.2` (gguf-py's name map says `mm.1`), and
 LLaVA reads the tower's last hidden state *before* SigLIP's post-layernorm
 (`vision_feature_layer=-1`), so the post-layernorm is left out: clip.cpp applies it when present.
+clip.cpp's LLaVA graph stops one block early unless told otherwise (LLaVA-1.5 reads layer -2), so
+the feature layer is written explicitly, as a non-negative index: the output of the last block.
 Preprocessing (image size, mean, std) comes from the model's own processor config.
 """
 
@@ -17,6 +19,8 @@ from vlm_factory.export.gguf_io import checkpoint_tensors, write_gguf
 
 log = logging.getLogger(__name__)
 
+# gguf-py 0.19 has no writer method for it yet; the key is llama.cpp's KEY_FEATURE_LAYERS.
+FEATURE_LAYERS_KEY = "clip.vision.feature_layer"
 PROJECTOR_NAMES = {"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"}
 
 
@@ -68,6 +72,7 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
         writer.add_vision_image_mean(processor["image_mean"])
         writer.add_vision_image_std(processor["image_std"])
         writer.add_vision_use_gelu(True)
+        writer.add_array(FEATURE_LAYERS_KEY, [vision.num_hidden_layers])
         for key, data in checkpoint_tensors(model_dir, ("vision_tower.", "multi_modal_projector.")):
             name = _gguf_name(key, name_map)
             if name is not None:

@@ -1,57 +1,145 @@
 """Answer VQA questions with llama.cpp: LLM GGUF + mmproj through libmtmd (llama-cpp-python).
 
-Same prompt as the reference (`model.prompt.user_prompt`: question first, then the image) and
-greedy decoding, so the answers can be compared question by question.
+The adapter talks to libmtmd directly instead of going through llama-cpp-python's chat handlers,
+because those change what the model sees: their Jinja environment trims the newline after a block
+tag (our template has `\\n<image>`) and their sampler applies a repeat penalty of 1.1 even at
+temperature 0. Here the prompt is `model.prompt.user_prompt` with the image placeholder swapped
+for libmtmd's media marker, tokenized by libmtmd (BOS added, as the reference tokenizer does),
+and decoding is a plain argmax over the last logits, so answers compare question by question.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-
-# The chat handler substitutes the image URL with libmtmd's media marker; this renders exactly
-# `USER: {question}\n<image> ASSISTANT:` (see model/prompt.py).
-_CHAT_FORMAT = (
-    "{% for message in messages %}{% if message.role == 'user' %}USER: "
-    "{% for c in message.content %}{% if c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}"
-    "{% for c in message.content %}{% if c.type == 'image_url' %}\n"
-    "{{ c.image_url.url if c.image_url is mapping else c.image_url }}{% endif %}{% endfor %}"
-    " ASSISTANT:{% endif %}{% endfor %}"
-)
-
-
-def _data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+from vlm_factory.errors import UserError
+from vlm_factory.model.prompt import IMAGE_TOKEN, MAX_ANSWER_TOKENS, user_prompt
 
 
 class LlamaCppRuntime:
-    """A loaded LLM + mmproj pair. `kv_cache_f32` keeps llama.cpp's KV cache exact for parity checks."""
+    """A loaded LLM + mmproj pair. `kv_cache_f32` keeps llama.cpp's KV cache exact for parity checks
+    (its default F16 cache alone moves log-probs by ~5e-3)."""
 
-    def __init__(self, llm_path: Path, mmproj_path: Path, n_ctx: int = 256, kv_cache_f32: bool = True):
-        from llama_cpp import GGML_TYPE_F32, Llama
-        from llama_cpp.llama_chat_format import Llava15ChatHandler
+    def __init__(self, llm_path: Path, mmproj_path: Path, n_ctx: int = 256, kv_cache_f32: bool = True,
+                 n_threads: int | None = None):
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
 
-        class Handler(Llava15ChatHandler):
-            CHAT_FORMAT = _CHAT_FORMAT
+        for path in (llm_path, mmproj_path):
+            if not Path(path).is_file():
+                raise UserError(f"{path}: GGUF file not found; run the export stage first")
+        self._lib = llama_cpp
+        self._mtmd = mtmd_cpp
+        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_cache_f32 else {}
+        try:
+            self._llm = llama_cpp.Llama(model_path=str(llm_path), n_ctx=n_ctx, n_batch=n_ctx, verbose=False,
+                                        n_threads=n_threads, **cache)
+        except ValueError as error:  # llama-cpp-python's message for any file llama.cpp cannot load
+            raise UserError(f"{llm_path}: llama.cpp cannot load this GGUF ({error}); re-export it") from None
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = False
+        params.print_timings = False
+        params.warmup = False
+        params.n_threads = self._llm.n_threads
+        self._ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self._llm.model, params)
+        if not self._ctx:
+            raise UserError(f"{mmproj_path}: libmtmd cannot load this mmproj GGUF; re-export it")
+        self._llm._stack.callback(mtmd_cpp.mtmd_free, self._ctx)
+        self._marker = mtmd_cpp.mtmd_default_marker().decode()
+        self._eos = {self._llm.token_eos()}
 
-        cache_type = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_cache_f32 else {}
-        self._llm = Llama(model_path=str(llm_path), chat_handler=Handler(clip_model_path=str(mmproj_path), verbose=False),
-                          n_ctx=n_ctx, verbose=False, **cache_type)
+    def close(self) -> None:
+        self._llm.close()
 
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _bitmap(self, image: Image.Image):
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        data = rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        bitmap = self._mtmd.mtmd_bitmap_init(image.width, image.height, data)  # copies the pixels
+        if not bitmap:
+            raise RuntimeError("libmtmd could not create a bitmap")
+        return bitmap
+
+    def _tokenize(self, text: str, image: Image.Image):
+        """libmtmd's chunks (text tokens and image tokens) for `text` with one media marker."""
+        mtmd = self._mtmd
+        chunks = mtmd.mtmd_input_chunks_init()
+        bitmap = self._bitmap(image)
+        try:
+            encoded = text.encode()
+            source = mtmd.mtmd_input_text(text=encoded, text_len=len(encoded), add_special=True, parse_special=True)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(source), bitmaps, 1)
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        if status != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise RuntimeError(f"libmtmd failed to tokenize the prompt (status {status})")
+        return chunks
+
+    def _prefill(self, image: Image.Image, question: str) -> None:
+        """Evaluate the prompt (text, image, text) into a fresh KV cache; logits of its last token remain."""
+        llm = self._llm
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        chunks = self._tokenize(user_prompt(question).replace(IMAGE_TOKEN, self._marker), image)
+        try:
+            n_past = self._lib.llama_pos(0)
+            status = self._mtmd.mtmd_helper_eval_chunks(self._ctx, llm._ctx.ctx, chunks, 0, 0, llm.n_batch, True,
+                                                        ctypes.byref(n_past))
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+        if status != 0:
+            raise RuntimeError(f"libmtmd failed to evaluate the prompt (status {status})")
+        llm.n_tokens = n_past.value
+
+    def _last_logits(self) -> np.ndarray:
+        pointer = self._lib.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),)).copy()
+
+    # -- the adapter interface -------------------------------------------------------------------
+
+    def first_token_logits(self, image: Image.Image, question: str) -> np.ndarray:
+        """Logits over the vocabulary for the first answer token."""
+        self._prefill(image, question)
+        return self._last_logits()
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
+        """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
         answers = []
         for image, question in zip(images, questions, strict=True):
-            content = [{"type": "text", "text": question.strip()}, {"type": "image_url", "image_url": {"url": _data_uri(image)}}]
-            out = self._llm.create_chat_completion(messages=[{"role": "user", "content": content}],
-                                                   max_tokens=MAX_ANSWER_TOKENS, temperature=0.0)
-            answers.append(out["choices"][0]["message"]["content"].strip())
-            self._llm.reset()
+            self._prefill(image, question)
+            tokens: list[int] = []
+            for _ in range(MAX_ANSWER_TOKENS):
+                token = int(np.argmax(self._last_logits()))
+                if token in self._eos:
+                    break
+                tokens.append(token)
+                self._llm.eval([token])
+            answers.append(self._llm.detokenize(tokens).decode("utf-8", errors="replace").strip())
+            if progress is not None:
+                progress.update(1)
         return answers
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """The mmproj's output for one image: (image tokens, LLM hidden size), as the LLM receives it."""
+        mtmd = self._mtmd
+        chunks = self._tokenize(self._marker, image)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                        raise RuntimeError("libmtmd failed to encode the image")
+                    n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    pointer = mtmd.mtmd_get_output_embd(self._ctx)
+                    return np.ctypeslib.as_array(pointer, shape=(n_tokens, self._llm.n_embd())).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        raise RuntimeError("libmtmd produced no image chunk")
