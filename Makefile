@@ -19,10 +19,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 repro: install
 	$(RUN) dvc repro
-	$(RUN) dvc metrics show metrics/reference.json
+	$(RUN) dvc metrics show metrics/reference.json metrics/parity
 
 test: install
 	$(RUN) pytest
+
+bench: install
+	$(RUN) python benchmarks/gguf_converter.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -143,13 +143,13 @@ def test_no_room_for_an_image():
 
 
 @pytest.mark.parametrize("fmt, settings, key", [
-    ("gguf", {"llm": "Q3_XYZ", "vision": "Q8_0", "projector": "F16"}, "tiers.phone.formats.gguf.llm"),
-    ("gguf", {"llm": "Q4_K_M", "projector": "F16"}, "tiers.phone.formats.gguf.vision"),
-    ("onnx", {"precision": "int3"}, "tiers.phone.formats.onnx.precision"),
-    ("coreml", {"nbits": 5}, "tiers.phone.formats.coreml.nbits"),
-    ("coreml", {"nbits": 4.5}, "tiers.phone.formats.coreml.nbits"),
-    ("tensorrt", {"precision": "fp16"}, "tiers.phone.formats"),
-    ("tflite", {"precision": "float16"}, "tiers.phone.formats.tflite.precision"),
+    ("gguf", {"llm": "Q3_XYZ", "vision": "Q8_0", "projector": "F16"}, "targets.gguf.phone.llm"),
+    ("gguf", {"llm": "Q4_K_M", "projector": "F16"}, "targets.gguf.phone.vision"),
+    ("onnx", {"precision": "int3"}, "targets.onnx.phone.precision"),
+    ("coreml", {"nbits": 5}, "targets.coreml.phone.nbits"),
+    ("coreml", {"nbits": 4.5}, "targets.coreml.phone.nbits"),
+    ("tensorrt", {"precision": "fp16"}, "targets"),
+    ("tflite", {"precision": "float16"}, "targets.tflite.phone.precision"),
 ])
 def test_unknown_setting_names_the_key(fmt, settings, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as info:
@@ -168,7 +168,11 @@ def test_inconsistent_image_seq_length_is_a_user_error():
 
 
 def load_tier(path: Path) -> TierConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TierConfig), OmegaConf.load(path)))
+    """A tier file's device facts with its targets as `formats`, as load_params assembles them."""
+    raw = OmegaConf.load(path)
+    tier = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TierConfig), raw.tiers[path.stem]))
+    tier.formats = {fmt: dict(by_tier[path.stem]) for fmt, by_tier in raw.targets.items()}
+    return tier
 
 
 @pytest.mark.parametrize("path", sorted(TIER_DIR.glob("*.yaml")), ids=lambda p: p.stem)

@@ -25,27 +25,47 @@ def test_params_parse_into_the_typed_schema(root):
         assert tier.formats and tier.memory_budget_mb > 0
 
 
-def _declared_params(root):
+def _declared_params(root, params):
+    """(stage, params key) for every stage, `foreach` stages expanded over their params dict."""
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     for name, stage in dvc["stages"].items():
-        for key in stage.get("params", stage.get("do", {}).get("params", [])):
-            yield name, key
+        if "foreach" in stage:
+            source = OmegaConf.select(params, stage["foreach"].strip("${}"))
+            for item in source:
+                for key in stage["do"].get("params", []):
+                    yield f"{name}@{item}", key.replace("${key}", item)
+        else:
+            for key in stage.get("params", []):
+                yield name, key
 
 
 def test_every_declared_stage_param_exists(root):
     params = OmegaConf.load(root / "params.yaml")
-    tiers = list(params.tiers)
-    for stage, key in _declared_params(root):
-        keys = [key.replace("${key}", t) for t in tiers] if "${key}" in key else [key]
-        for k in keys:
-            assert OmegaConf.select(params, k, default="<missing>") != "<missing>", f"{stage}: {k}"
+    declared = list(_declared_params(root, params))
+    assert any(stage.startswith("parity_gguf@") for stage, _ in declared)
+    for stage, key in declared:
+        assert OmegaConf.select(params, key, default="<missing>") != "<missing>", f"{stage}: {key}"
 
 
 def test_overrides_compose_and_one_tier_changes_alone(root):
-    cfg = compose(["train.lr=0.01", "tiers.android_budget.formats.gguf.llm=Q5_K_M"], root / "conf")
+    cfg = compose(["train.lr=0.01", "targets.gguf.android_budget.llm=Q5_K_M"], root / "conf")
     assert cfg.train.lr == 0.01
-    assert cfg.tiers.android_budget.formats.gguf.llm == "Q5_K_M"
-    assert cfg.tiers.iphone15pro.formats.gguf.llm == "Q4_K_M"
+    assert cfg.targets.gguf.android_budget.llm == "Q5_K_M"
+    assert cfg.targets.gguf.iphone15pro.llm == "Q4_K_M"
+
+
+def test_selecting_tiers_keeps_only_their_targets(root):
+    cfg = compose(["tier=[jetson_orin]"], root / "conf")
+    assert list(cfg.tiers) == ["jetson_orin"]
+    assert {fmt: list(by_tier) for fmt, by_tier in cfg.targets.items()} == {
+        "gguf": ["jetson_orin"], "onnx": ["jetson_orin"], "coreml": [], "tflite": []}
+
+
+def test_target_of_an_unknown_tier_is_refused(tmp_path, root):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((root / "params.yaml").read_text().replace("\n  gguf:\n", "\n  gguf:\n    watch: {llm: Q8_0}\n", 1))
+    with pytest.raises(UserError, match=r"targets\.gguf\.watch.*no tier"):
+        load_params(bad)
 
 
 def test_unknown_override_key_is_one_line_error(root):

@@ -48,11 +48,15 @@ def test_breakdown_and_gate():
 
 def test_gate_table_lists_failures_first():
     verdicts = {
-        "phone-gguf": {"passed": True, "drift": -0.5, "drift_ci95": [-1.0, 0.0], "max_drop": 2.0},
-        "edge-onnx": {"passed": False, "drift": -3.2, "drift_ci95": [-4.0, -2.4], "max_drop": 1.0},
+        "phone-gguf": {"passed": True, "drift": -0.5, "drift_ci95": [-1.0, 0.0],
+                       "threshold": {"max_drop": 2.0, "min_embedding_cosine": 0.99},
+                       "image_embedding_cosine": {"mean": 0.9995}},
+        "edge-onnx": {"passed": False, "drift": -3.2, "drift_ci95": [-4.0, -2.4],
+                      "threshold": {"max_drop": 1.0, "min_embedding_cosine": 0.99},
+                      "image_embedding_cosine": {"mean": 0.93}},
     }
     lines = gate_table(verdicts).splitlines()
-    assert lines[1].startswith("edge-onnx") and "FAIL" in lines[1] and "-3.20" in lines[1]
+    assert lines[1].startswith("edge-onnx") and "FAIL" in lines[1] and "-3.20" in lines[1] and "0.9300" in lines[1]
     assert lines[2].startswith("phone-gguf") and "pass" in lines[2]
 
 

@@ -15,6 +15,12 @@ import pytest
 TINY = [
     "data.train_images=90", "data.eval_images=36",
     "train.steps=12", "train.batch_size=32", "train.log_every=4",
+    "eval.embedding_images=8",
+    # 72 eval questions cannot resolve a 1-2 point drift (one question is 1.4 points) and a 12-step
+    # projector is near random: the smoke run checks wiring, so its gates are open.
+    # test_a_failed_gate_stops_with_a_table checks that a gate does stop the stage.
+    "eval.max_drop.gguf.Q4_K_M=100.0", "eval.max_drop.gguf.Q5_K_M=100.0", "eval.max_drop.gguf.Q8_0=100.0",
+    "eval.min_embedding_cosine.gguf=0.0",
 ]
 
 
@@ -45,7 +51,9 @@ def workspace(tmp_path_factory, root) -> Path:
 def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     _run([sys.executable, "-m", "vlm_factory.cli", "compose", *TINY], workspace)
     out = _run(["dvc", "repro"], workspace)
-    for stage in ("download", "finetune", "reference_eval", "budget@iphone15pro", "budget@jetson_orin"):
+    for stage in ("download", "finetune", "reference_eval", "budget@iphone15pro", "budget@jetson_orin",
+                  "export_gguf@android_budget", "export_gguf@jetson_orin", "parity_gguf@iphone15pro",
+                  "parity_gguf@android_flagship"):
         assert f"'{stage}'" in out, f"stage {stage} did not run:\n{out[-2000:]}"
     assert "pretrain_base" not in out.split("Running stage")[-1]  # frozen: never rebuilt
 
@@ -57,10 +65,37 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     loss_curve = (workspace / "metrics" / "finetune" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
     assert len(loss_curve.strip().splitlines()) == 1 + 3  # header + steps 4, 8, 12
     assert (workspace / "artifacts" / "finetuned" / "model.safetensors").is_file()
+    parity = json.loads((workspace / "metrics" / "parity" / "android_budget-gguf.json").read_text())
+    assert parity["n_questions"] == 72 and parity["format"] == "gguf" and parity["passed"] is True
+    assert parity["reference_accuracy"] == reference["vqa_accuracy"]
+    assert {"square", "tall", "wide"} == set(parity["preprocessing"]) == set(parity["by_aspect"]["accuracy"])
+    exported = json.loads((workspace / "metrics" / "export" / "jetson_orin-gguf.json").read_text())
+    assert exported["files"]["llm"]["file"] == "llm-Q8_0.gguf"
+    assert (workspace / "artifacts" / "export" / "jetson_orin" / "gguf" / "llm-Q8_0.gguf").is_file()
 
     again = _run(["dvc", "repro"], workspace)
     assert "Running stage" not in again
     assert "didn't change" in again or "up to date" in again.lower()
+
+
+def test_a_failed_gate_stops_with_a_table(workspace):
+    """A gate no artifact can pass (embedding cosine above 1): exit 1, a table, the verdict kept."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(workspace / "params.yaml")
+    params.eval.min_embedding_cosine.gguf = 1.01
+    strict = workspace / "strict-params.yaml"
+    OmegaConf.save(params, strict)
+    out = workspace / "strict-verdict.json"
+    result = subprocess.run(
+        [sys.executable, "stages/parity.py", "--params", str(strict), "--format", "gguf", "--tier", "android_budget",
+         "--artifact", "artifacts/export/android_budget/gguf", "--model", "artifacts/finetuned", "--data", "artifacts/data",
+         "--reference", "artifacts/reference/predictions.jsonl", "--out", str(out)],
+        cwd=workspace, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "parity gate failed" in result.stderr and "android_budget-gguf  FAIL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(out.read_text())["passed"] is False
 
 
 def test_dvc_exp_run_with_an_override_is_listed_with_params_and_metrics(workspace):

@@ -135,7 +135,7 @@ def _setting(settings: dict, table, tier_name: str, fmt: str, key: str, normalis
     except ValueError:
         known = None
     if known not in table:
-        raise UserError(f"key 'tiers.{tier_name}.formats.{fmt}.{key}' is {value!r}; known: {_known(table)}")
+        raise UserError(f"key 'targets.{fmt}.{tier_name}.{key}' is {value!r}; known: {_known(table)}")
     return known
 
 
@@ -155,7 +155,7 @@ def _weight_bits(fmt: str, settings: dict, counts: dict[str, int], tier_name: st
         nbits = _setting(settings, COREML_NBITS, tier_name, fmt, "nbits", lambda v: int(str(v)))
         embeddings = counts["llm_embeddings"]
         return embeddings * COREML_EMBEDDING_BITS + (counts["total"] - embeddings) * nbits, {"nbits": nbits}
-    raise UserError(f"key 'tiers.{tier_name}.formats' names unknown format {fmt!r}; known: {_known(FORMATS)}")
+    raise UserError(f"key 'targets' names unknown format {fmt!r}; known: {_known(FORMATS)}")
 
 
 def _format_budget(weights_bytes: int, kv_per_token: Fraction, budget_bytes: int, context: int,

@@ -95,6 +95,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     max_drop: dict[str, dict[str, float]] = field(default_factory=dict)
+    min_embedding_cosine: dict[str, float] = field(default_factory=dict)
+    embedding_images: int = 64
 
 
 @dataclass
@@ -103,6 +105,7 @@ class TierConfig:
     memory_budget_mb: int = MISSING
     context_tokens: int = MISSING
     kv_cache_dtype: str = "f16"
+    # Not written in params.yaml: load_params fills it from `targets.<format>.<tier>`.
     formats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -124,6 +127,8 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tiers: dict[str, TierConfig] = field(default_factory=dict)
+    # targets.<format>.<tier>: what each tier ships in each format (one export + parity stage each).
+    targets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     export: ExportConfig = field(default_factory=ExportConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
@@ -163,11 +168,24 @@ def _validate(params: Params, path: Path) -> None:
         if not model.revision or not _COMMIT.match(model.revision):
             raise UserError(f"{path}: key 'model.revision' must pin a 40-hex commit of {model.repo_id} "
                             f"(got {model.revision!r}); a branch name is not reproducible")
-    for tier_name, tier in params.tiers.items():
-        unknown = set(tier.formats) - set(FORMATS)
-        if unknown:
-            raise UserError(f"{path}: key 'tiers.{tier_name}.formats' names unknown format(s) "
-                            f"{', '.join(sorted(unknown))}; known: {', '.join(FORMATS)}")
+    unknown = set(params.targets) - set(FORMATS)
+    if unknown:
+        raise UserError(f"{path}: key 'targets' names unknown format(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(FORMATS)}")
+    for fmt, by_tier in params.targets.items():
+        for tier_name, settings in by_tier.items():
+            if tier_name not in params.tiers:
+                raise UserError(f"{path}: key 'targets.{fmt}.{tier_name}' names no tier under 'tiers'; "
+                                f"known: {', '.join(params.tiers)}")
+            params.tiers[tier_name].formats[fmt] = settings
+
+
+def target_settings(params: Params, fmt: str, tier: str, path: Path | str = "params.yaml") -> dict[str, Any]:
+    """The settings of one export target, or a one-line error naming the missing key."""
+    if tier not in params.targets.get(fmt, {}):
+        listed = ", ".join(params.targets.get(fmt, {})) or "none"
+        raise UserError(f"{path}: no key 'targets.{fmt}.{tier}'; tiers listing {fmt}: {listed}")
+    return dict(params.targets[fmt][tier])
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

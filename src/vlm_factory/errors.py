@@ -15,13 +15,21 @@ class UserError(Exception):
     """A mistake in input or configuration. Entry points print it as one line, without a traceback."""
 
 
+class GateFailed(Exception):
+    """An artifact answered worse than its gate allows. The message is the table of what drifted how much."""
+
+
 def exits_cleanly(main: F) -> F:
-    """Wrap an entry point so a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Wrap an entry point: a UserError becomes `error: <message>` and exit status 2; a failed gate
+    prints its table and exits 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except GateFailed as exc:
+            print(f"parity gate failed:\n{exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         except UserError as exc:
             logging.getLogger(__name__).debug("user error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)

@@ -53,13 +53,16 @@ def gate(drift: float, max_drop: float) -> dict:
     return {"passed": drift >= -max_drop, "max_drop": max_drop}
 
 
-def gate_table(verdicts: dict[str, dict]) -> str:
-    """One line per target, failures first: what drifted how much against which threshold."""
-    rows = sorted(verdicts.items(), key=lambda kv: (kv[1]["passed"], kv[0]))
-    width = max((len(name) for name in verdicts), default=6)
-    lines = [f"{'target':<{width}}  verdict  drift (95% CI)           max drop"]
+def gate_table(results: dict[str, dict]) -> str:
+    """One line per target, failures first: drift against its max drop, embedding cosine against its floor."""
+    rows = sorted(results.items(), key=lambda kv: (kv[1]["passed"], kv[0]))
+    width = max((len(name) for name in results), default=6)
+    lines = [f"{'target':<{width}}  verdict  drift (95% CI)            max drop  emb. cosine (floor)"]
     for name, v in rows:
         low, high = v["drift_ci95"]
+        threshold = v["threshold"]
+        cos = v["image_embedding_cosine"]["mean"]
         lines.append(f"{name:<{width}}  {'pass' if v['passed'] else 'FAIL':<7}  {v['drift']:+7.2f} "
-                     f"({low:+.2f}, {high:+.2f})  {v['max_drop']:.2f}")
+                     f"({low:+.2f}, {high:+.2f})  {threshold['max_drop']:8.2f}  "
+                     f"{cos:.4f} ({threshold['min_embedding_cosine']:.4f})")
     return "\n".join(lines)

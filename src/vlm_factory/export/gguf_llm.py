@@ -1,7 +1,7 @@
 """The LLM half of the llama.cpp packaging: a LLaVA checkpoint's Llama decoder as a GGUF file.
 
-Tensors are read one at a time from the memory-mapped safetensors file (the writer holds the
-converted copy until it writes, so the model is in memory once, never twice), renamed through gguf-py's own name map, and q/k projections are permuted from HF's
+Tensors are read, converted and written one at a time (see gguf_io), renamed through gguf-py's
+own name map, and q/k projections are permuted from HF's
 rotate-half layout to the interleaved layout llama.cpp's RoPE expects. The tokenizer (byte-level
 BPE) is written with its merges, special tokens and chat template.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_io import checkpoint_tensors, write_gguf
+from vlm_factory.export.gguf_io import checkpoint_tensors, deferred, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,13 @@ def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     rows = weight.shape[0]
     return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _convert(tensor, rotary_heads: int | None, dtype) -> np.ndarray:
+    data = tensor.load()
+    if rotary_heads is not None:
+        data = permute_rotary(data, rotary_heads)
+    return data.astype(dtype)
 
 
 def _token_types(tokenizer_json: dict, vocab_size: int, tokens: list[str]) -> list[int]:
@@ -108,19 +116,16 @@ def write_llm_gguf(model_dir: Path, out_path: Path, file_type: str = "F16") -> d
     def fill(writer) -> None:
         _add_hparams(writer, model_dir.name, text, file_type)
         _write_tokenizer(writer, model_dir, config)
-        for key, data in checkpoint_tensors(model_dir, (LLM_PREFIX,)):
-            hf_name = key[len(LLM_PREFIX):]
+        for tensor in checkpoint_tensors(model_dir, (LLM_PREFIX,)):
+            hf_name = tensor.key[len(LLM_PREFIX):]
             name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
-                raise UserError(f"{model_dir}: tensor {key} has no GGUF name; unsupported checkpoint layout")
+                raise UserError(f"{model_dir}: tensor {tensor.key} has no GGUF name; unsupported checkpoint layout")
             heads = next((n for suffix, n in rotary_heads.items() if hf_name.endswith(suffix)), None)
-            if heads is not None:
-                data = permute_rotary(data, heads)
             # Norms stay F32 (as llama.cpp's converter keeps 1-D tensors); matrices take the file type.
-            if file_type == "F16" and data.ndim == 2:
-                data = data.astype(np.float16)
-            writer.add_tensor(name, data)
-            summary[name] = "F16" if data.dtype == np.float16 else "F32"
+            dtype = np.float16 if file_type == "F16" and len(tensor.shape) == 2 else np.float32
+            writer.add_tensor(name, deferred(tensor.shape, dtype, partial(_convert, tensor, heads, dtype)))
+            summary[name] = "F16" if dtype == np.float16 else "F32"
 
     write_gguf(out_path, "llama", fill)
     log.info("wrote %s: %d tensors (%s)", out_path, len(summary), file_type)

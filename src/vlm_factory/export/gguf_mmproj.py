@@ -1,11 +1,14 @@
-"""The vision half of the llama.cpp packaging: SigLIP tower + LLaVA MLP projector as an mmproj GGUF.
+"""The vision half of the llama.cpp packaging: a SigLIP or CLIP tower + LLaVA MLP projector as an mmproj GGUF.
 
-llama.cpp's loader wants the projector as `mm.0` / `mm.2` (gguf-py's name map says `mm.1`), and
-LLaVA reads the tower's last hidden state *before* SigLIP's post-layernorm
-(`vision_feature_layer=-1`), so the post-layernorm is left out: clip.cpp applies it when present.
-clip.cpp's LLaVA graph stops one block early unless told otherwise (LLaVA-1.5 reads layer -2), so
-the feature layer is written explicitly, as a non-negative index: the output of the last block.
+llama.cpp's loader wants the projector as `mm.0` / `mm.2` (gguf-py's name map says `mm.1`).
+LLaVA reads a hidden state of the tower (`vision_feature_layer`), never its post-layernorm, so the
+post-layernorm is left out (clip.cpp would apply it) and the feature layer is written explicitly
+as a non-negative index: clip.cpp's LLaVA graph otherwise stops one block early (LLaVA-1.5's -2).
 Preprocessing (image size, mean, std) comes from the model's own processor config.
+
+CLIP towers are written faithfully, but this llama.cpp puts the CLS token after the patches where
+transformers puts it first, so their image embeddings do not match: the parity gate's embedding
+check is what refuses such an export (see tests/test_gguf.py), not this writer.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_io import checkpoint_tensors, write_gguf
+from vlm_factory.export.gguf_io import checkpoint_tensors, deferred, write_gguf
 
 log = logging.getLogger(__name__)
 
 # gguf-py 0.19 has no writer method for it yet; the key is llama.cpp's KEY_FEATURE_LAYERS.
 FEATURE_LAYERS_KEY = "clip.vision.feature_layer"
+TOWERS = ("siglip_vision_model", "clip_vision_model")
+# clip.cpp runs a GELU (either form; it is tanh-approximated) or, with use_gelu false, a quick GELU.
+ACTIVATIONS = {"gelu": True, "gelu_pytorch_tanh": True, "quick_gelu": False}
 PROJECTOR_NAMES = {"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"}
 
 
@@ -30,9 +38,10 @@ def _gguf_name(key: str, name_map) -> str | None:
             return gg + key[len(hf):]
     if "post_layernorm" in key:
         return None
-    # Checkpoints store the tower as `vision_tower.*`; gguf-py's map knows `vision_tower.vision_model.*`.
-    name = name_map.get_name(key.replace("vision_tower.", "vision_tower.vision_model.", 1),
-                             try_suffixes=(".weight", ".bias"))
+    # Some checkpoints store the tower as `vision_tower.*`; gguf-py's map knows `vision_tower.vision_model.*`.
+    if not key.startswith("vision_tower.vision_model."):
+        key = key.replace("vision_tower.", "vision_tower.vision_model.", 1)
+    name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise UserError(f"tensor {key} has no mmproj name; unsupported vision tower layout")
     return name
@@ -45,10 +54,21 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
 
     config = LlavaConfig.from_pretrained(model_dir)
     vision = config.vision_config
-    if vision.model_type != "siglip_vision_model" or config.vision_feature_layer != -1:
-        raise UserError(f"{model_dir}: only SigLIP towers read at vision_feature_layer=-1 are exported to mmproj "
-                        f"(got {vision.model_type}, layer {config.vision_feature_layer}); llama.cpp orders "
-                        "CLIP's CLS token differently from transformers")
+    if vision.model_type not in TOWERS:
+        raise UserError(f"{model_dir}: vision tower {vision.model_type!r} is not supported by the mmproj exporter "
+                        f"(supported: {', '.join(TOWERS)})")
+    if vision.hidden_act not in ACTIVATIONS:
+        raise UserError(f"{model_dir}: vision activation {vision.hidden_act!r}; clip.cpp runs "
+                        f"{', '.join(ACTIVATIONS)}")
+    feature_layer = config.vision_feature_layer
+    if not isinstance(feature_layer, int) or not -vision.num_hidden_layers - 1 <= feature_layer <= vision.num_hidden_layers:
+        raise UserError(f"{model_dir}: vision_feature_layer {feature_layer!r} must be one layer index; "
+                        "llama.cpp's 'mlp' projector reads a single layer")
+    # llama.cpp drops a CLS token when the tower has one and keeps every token otherwise.
+    strategy = "default" if vision.model_type == "clip_vision_model" else "full"
+    if config.vision_feature_select_strategy != strategy:
+        raise UserError(f"{model_dir}: vision_feature_select_strategy is {config.vision_feature_select_strategy!r}; "
+                        f"llama.cpp reads a {vision.model_type} tower as {strategy!r}")
     if config.projector_hidden_act != "gelu":
         raise UserError(f"{model_dir}: projector activation {config.projector_hidden_act!r}; llama.cpp's 'mlp' "
                         "projector is GELU")
@@ -71,12 +91,13 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
         writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
         writer.add_vision_image_mean(processor["image_mean"])
         writer.add_vision_image_std(processor["image_std"])
-        writer.add_vision_use_gelu(True)
-        writer.add_array(FEATURE_LAYERS_KEY, [vision.num_hidden_layers])
-        for key, data in checkpoint_tensors(model_dir, ("vision_tower.", "multi_modal_projector.")):
-            name = _gguf_name(key, name_map)
+        writer.add_vision_use_gelu(ACTIVATIONS[vision.hidden_act])
+        # hidden_states[k] of transformers is clip.cpp's feature layer k (0 = the embeddings).
+        writer.add_array(FEATURE_LAYERS_KEY, [feature_layer % (vision.num_hidden_layers + 1)])
+        for tensor in checkpoint_tensors(model_dir, ("vision_tower.", "multi_modal_projector.")):
+            name = _gguf_name(tensor.key, name_map)
             if name is not None:
-                writer.add_tensor(name, data)
+                writer.add_tensor(name, deferred(tensor.shape, np.float32, tensor.load))
                 summary[name] = "F32"
 
     write_gguf(out_path, "clip", fill)

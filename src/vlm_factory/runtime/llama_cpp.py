@@ -18,27 +18,38 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
+from vlm_factory.export.gguf_check import open_gguf
 from vlm_factory.model.prompt import IMAGE_TOKEN, MAX_ANSWER_TOKENS, user_prompt
 
 
-class LlamaCppRuntime:
-    """A loaded LLM + mmproj pair. `kv_cache_f32` keeps llama.cpp's KV cache exact for parity checks
-    (its default F16 cache alone moves log-probs by ~5e-3)."""
+KV_CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
 
-    def __init__(self, llm_path: Path, mmproj_path: Path, n_ctx: int = 256, kv_cache_f32: bool = True,
+
+class LlamaCppRuntime:
+    """A loaded LLM + mmproj pair.
+
+    `kv_cache` is the KV-cache type the device will use (a tier's kv_cache_dtype); "f32" keeps
+    llama.cpp exact for numeric checks (the F16 cache alone moves log-probs by ~5e-3).
+    """
+
+    def __init__(self, llm_path: Path, mmproj_path: Path, n_ctx: int = 256, kv_cache: str = "f32",
                  n_threads: int | None = None):
         import llama_cpp
-        from llama_cpp import mtmd_cpp
+        from llama_cpp import _logger, mtmd_cpp
 
-        for path in (llm_path, mmproj_path):
-            if not Path(path).is_file():
-                raise UserError(f"{path}: GGUF file not found; run the export stage first")
+        open_gguf(llm_path, "model")
+        open_gguf(mmproj_path, "mmproj")
+        if kv_cache not in KV_CACHE_TYPES:
+            raise UserError(f"KV cache type {kv_cache!r}: llama.cpp runs {', '.join(KV_CACHE_TYPES)}")
         self._lib = llama_cpp
         self._mtmd = mtmd_cpp
-        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_cache_f32 else {}
+        # libmtmd logs every image it encodes; route it through llama-cpp-python's (quiet) logger.
+        mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        cache_type = getattr(llama_cpp, KV_CACHE_TYPES[kv_cache])
         try:
             self._llm = llama_cpp.Llama(model_path=str(llm_path), n_ctx=n_ctx, n_batch=n_ctx, verbose=False,
-                                        n_threads=n_threads, **cache)
+                                        n_threads=n_threads, type_k=cache_type, type_v=cache_type)
         except ValueError as error:  # llama-cpp-python's message for any file llama.cpp cannot load
             raise UserError(f"{llm_path}: llama.cpp cannot load this GGUF ({error}); re-export it") from None
         params = mtmd_cpp.mtmd_context_params_default()
@@ -55,6 +66,12 @@ class LlamaCppRuntime:
 
     def close(self) -> None:
         self._llm.close()
+
+    def __enter__(self) -> "LlamaCppRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- building blocks -------------------------------------------------------------------------
 

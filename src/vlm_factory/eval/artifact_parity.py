@@ -1,0 +1,173 @@
+"""Run one exported artifact, in its own runtime, through the parity gate against the reference model.
+
+Every format uses this: a runtime adapter answers the reference's eval questions and encodes
+images; this module pairs its per-question scores with the reference's, measures how close its
+image embeddings are to the PyTorch model's, checks its preprocessing on square, tall and wide
+images, and returns the verdict dict written to `metrics/parity/<tier>-<format>.json`.
+
+A runtime adapter provides `answer(images, questions, progress)` and `image_embeddings(image)`;
+one that exposes its pixel input also provides `pixel_values(image)` (compared with the
+reference processor's directly), otherwise preprocessing is checked through the embeddings of the
+raw image against those of the reference processor's own pixels fed to the same runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from vlm_factory.data.images import load_image
+from vlm_factory.data.records import VQARecord
+from vlm_factory.errors import UserError
+from vlm_factory.eval.parity import drift_by, gate, paired_drift
+from vlm_factory.eval.reference import score
+from vlm_factory.model.features import project, tower_features
+
+log = logging.getLogger(__name__)
+
+
+# The setting of a target that picks its accuracy threshold in eval.max_drop.<format>.
+GATE_SETTING = {"gguf": "llm", "onnx": "precision", "coreml": "nbits", "tflite": "precision"}
+
+
+def gate_thresholds(eval_cfg, fmt: str, tier: str, settings: dict) -> tuple[float, float]:
+    """(max_drop, min_embedding_cosine) for one target, or a one-line error naming the missing key."""
+    setting = str(settings.get(GATE_SETTING[fmt], ""))
+    table = eval_cfg.max_drop.get(fmt, {})
+    match = {k.upper(): v for k, v in table.items()}.get(setting.upper())
+    if match is None:
+        raise UserError(f"key 'eval.max_drop.{fmt}' has no threshold for {setting!r} "
+                        f"(targets.{fmt}.{tier}.{GATE_SETTING[fmt]}); add one in conf/eval/")
+    if fmt not in eval_cfg.min_embedding_cosine:
+        raise UserError(f"key 'eval.min_embedding_cosine.{fmt}' is missing; add it in conf/eval/")
+    return float(match), float(eval_cfg.min_embedding_cosine[fmt])
+
+
+class Runtime(Protocol):
+    def answer(self, images: list[Image.Image], questions: list[str], progress=None) -> list[str]: ...
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray: ...
+
+
+def reference_scores(path: Path, records: list[VQARecord]) -> list[float]:
+    """The reference model's per-question scores, in the order of `records`."""
+    if not path.is_file():
+        raise UserError(f"{path}: reference predictions not found; run the reference_eval stage")
+    by_id = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            by_id[row["question_id"]] = row["score"]
+    missing = [r.question_id for r in records if r.question_id not in by_id]
+    if missing:
+        raise UserError(f"{path}: no reference score for {len(missing)} eval question(s) (e.g. {missing[0]}); "
+                        "re-run reference_eval on the same data")
+    return [by_id[r.question_id] for r in records]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def reference_pixels_as_image(image_processor, image: Image.Image) -> Image.Image:
+    """The reference processor's pixel input, un-normalised back to an RGB image of model size."""
+    pixels = image_processor([image], return_tensors="np").pixel_values[0]
+    mean = np.asarray(image_processor.image_mean)[:, None, None]
+    std = np.asarray(image_processor.image_std)[:, None, None]
+    rgb = (pixels * std + mean).transpose(1, 2, 0) * 255.0
+    return Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8))
+
+
+@torch.inference_mode()
+def reference_embeddings(model, image_processor, images: list[Image.Image]) -> list[np.ndarray]:
+    """What the PyTorch model's projector hands the LLM for each image."""
+    pixels = image_processor(images, return_tensors="pt").pixel_values
+    return list(project(model, tower_features(model, pixels)).numpy())
+
+
+def embedding_agreement(runtime: Runtime, model, image_processor, images: list[Image.Image],
+                        aspects: list[str]) -> dict:
+    """Cosine similarity of the runtime's image embeddings with the reference's: mean, min, per aspect."""
+    expected = reference_embeddings(model, image_processor, images)
+    cosines = [cosine(runtime.image_embeddings(image), ref) for image, ref in zip(images, expected)]
+    by_aspect = defaultdict(list)
+    for aspect, value in zip(aspects, cosines):
+        by_aspect[aspect].append(value)
+    return {"mean": round(float(np.mean(cosines)), 6), "min": round(float(np.min(cosines)), 6),
+            "n_images": len(images), "by_aspect": {k: round(float(np.mean(v)), 6) for k, v in sorted(by_aspect.items())}}
+
+
+def preprocessing_check(runtime: Runtime, image_processor, samples: dict[str, Image.Image]) -> dict:
+    """Per aspect (square, tall, wide): does the runtime see the pixels the reference processor makes?"""
+    result = {}
+    for aspect, image in samples.items():
+        if hasattr(runtime, "pixel_values"):
+            expected = image_processor([image], return_tensors="np").pixel_values[0]
+            actual = np.asarray(runtime.pixel_values(image)).reshape(expected.shape)
+            result[aspect] = {"method": "pixel input", "max_abs_diff": round(float(np.abs(actual - expected).max()), 6),
+                              "cosine": round(cosine(actual, expected), 6)}
+        else:
+            own = runtime.image_embeddings(image)
+            given = runtime.image_embeddings(reference_pixels_as_image(image_processor, image))
+            result[aspect] = {"method": "embeddings of the raw image vs of the reference processor's pixels",
+                              "cosine": round(cosine(own, given), 6)}
+    return result
+
+
+def _first_per_aspect(records: list[VQARecord], images: dict[str, Image.Image]) -> dict[str, Image.Image]:
+    samples: dict[str, Image.Image] = {}
+    for r in records:
+        samples.setdefault(r.aspect, images[r.image])
+    return dict(sorted(samples.items()))
+
+
+def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQARecord], data_dir: Path,
+                      reference_predictions: Path, model, processor, max_drop: float,
+                      min_embedding_cosine: float, artifact_bytes: int, embedding_images: int = 64) -> dict:
+    """The parity verdict of one artifact (see the module docstring); `passed` decides the gate."""
+    started = time.perf_counter()
+    reference = reference_scores(reference_predictions, records)
+    images = {name: load_image(data_dir / name) for name in dict.fromkeys(r.image for r in records)}
+    with tqdm(total=len(records), desc=f"{tier}-{fmt} answers", unit="q") as progress:
+        predictions = runtime.answer([images[r.image] for r in records], [r.question for r in records], progress)
+    scores, accuracy = score(records, predictions)
+    stats = paired_drift(reference, scores)
+    reference_accuracy = round(100.0 * sum(reference) / len(reference), 2)
+
+    # Embeddings on a sample spread evenly over the eval images (they are ordered by generation).
+    names = list(images)
+    picked = names[:: max(1, len(names) // embedding_images)][:embedding_images]
+    aspect_of = {r.image: r.aspect for r in records}
+    embeddings = embedding_agreement(runtime, model, processor.image_processor, [images[n] for n in picked],
+                                     [aspect_of[n] for n in picked])
+    verdict = gate(stats["drift"], max_drop)
+    verdict["min_embedding_cosine"] = min_embedding_cosine
+    verdict["passed"] = bool(verdict["passed"] and embeddings["mean"] >= min_embedding_cosine)
+    result = {
+        "format": fmt, "tier": tier,
+        "vqa_accuracy": accuracy["vqa_accuracy"], "reference_accuracy": reference_accuracy,
+        **stats,
+        "by_question_type": {"accuracy": accuracy["by_question_type"],
+                             "drift": drift_by(records, reference, scores, "question_type")},
+        "by_aspect": {"accuracy": accuracy["by_aspect"], "drift": drift_by(records, reference, scores, "aspect")},
+        "image_embedding_cosine": embeddings,
+        "preprocessing": preprocessing_check(runtime, processor.image_processor, _first_per_aspect(records, images)),
+        "artifact_bytes": artifact_bytes,
+        "threshold": {"max_drop": max_drop, "min_embedding_cosine": min_embedding_cosine},
+        "passed": verdict["passed"],
+    }
+    log.info("%s-%s: %.2f%% vs reference %.2f%% (drift %+.2f, 95%% CI %+.2f..%+.2f, flips %.1f%%), "
+             "embedding cosine %.4f: %s in %.1fs", tier, fmt, result["vqa_accuracy"], reference_accuracy,
+             stats["drift"], *stats["drift_ci95"], 100 * stats["flip_rate"], embeddings["mean"],
+             "pass" if result["passed"] else "FAIL", time.perf_counter() - started)
+    return result

@@ -1,0 +1,50 @@
+"""Stage parity_<format>@<tier>: the artifact, in its own runtime, against the reference; exits 1 if its gate fails."""
+
+import argparse
+from pathlib import Path
+
+from transformers import LlavaConfig
+
+from vlm_factory.config import load_params, target_settings
+from vlm_factory.data.records import read_jsonl
+from vlm_factory.errors import GateFailed, exits_cleanly
+from vlm_factory.eval.artifact_parity import evaluate_artifact, gate_thresholds
+from vlm_factory.eval.parity import gate_table
+from vlm_factory.io import write_json
+from vlm_factory.logs import setup_logging
+from vlm_factory.model.checkpoint import load_checkpoint
+from vlm_factory.runtime.open import artifact_bytes, open_runtime
+
+
+@exits_cleanly
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--format", required=True)
+    parser.add_argument("--tier", required=True)
+    parser.add_argument("--artifact", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="the reference (fine-tuned) checkpoint")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, required=True, help="reference_eval's predictions.jsonl")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    settings = target_settings(params, args.format, args.tier, args.params)
+    max_drop, min_cosine = gate_thresholds(params.eval, args.format, args.tier, settings)
+    tier = params.tiers[args.tier]
+    context = min(tier.context_tokens, LlavaConfig.from_pretrained(args.model).text_config.max_position_embeddings)
+    model, processor = load_checkpoint(args.model)
+    with open_runtime(args.format, args.artifact, context_tokens=context, kv_cache=tier.kv_cache_dtype) as runtime:
+        result = evaluate_artifact(
+            runtime, fmt=args.format, tier=args.tier, records=read_jsonl(args.data / "eval.jsonl"), data_dir=args.data,
+            reference_predictions=args.reference, model=model, processor=processor, max_drop=max_drop,
+            min_embedding_cosine=min_cosine, artifact_bytes=artifact_bytes(args.artifact),
+            embedding_images=params.eval.embedding_images)
+    write_json(result, args.out)
+    if not result["passed"]:
+        raise GateFailed(gate_table({f"{args.tier}-{args.format}": result}))
+
+
+if __name__ == "__main__":
+    main()
