@@ -13,7 +13,8 @@ from vlm_factory.eval.parity import gate_table
 from vlm_factory.io import write_json
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.checkpoint import load_checkpoint
-from vlm_factory.runtime.open import artifact_bytes, open_runtime
+from vlm_factory.export.report import artifact_bytes
+from vlm_factory.runtime.open import open_runtime
 
 
 @exits_cleanly

@@ -63,3 +63,19 @@ def test_gate_table_lists_failures_first():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError):
         paired_drift([1.0], [1.0, 0.0])
+
+
+def test_thresholds_come_from_params_per_format_and_tier_setting(root):
+    from vlm_factory.config import load_params, target_settings
+    from vlm_factory.errors import UserError
+    from vlm_factory.eval.artifact_parity import gate_thresholds
+
+    params = load_params(root / "params.yaml")
+    budget = target_settings(params, "gguf", "android_budget")
+    assert gate_thresholds(params.eval, "gguf", "android_budget", budget) == (2.0, 0.99)
+    jetson = target_settings(params, "gguf", "jetson_orin")
+    assert gate_thresholds(params.eval, "gguf", "jetson_orin", jetson) == (1.0, 0.99)
+    with pytest.raises(UserError, match=r"eval\.max_drop\.gguf.*'IQ2_XS'.*targets\.gguf\.x\.llm"):
+        gate_thresholds(params.eval, "gguf", "x", {"llm": "IQ2_XS"})
+    with pytest.raises(UserError, match=r"targets\.coreml\.android_budget.*iphone15pro"):
+        target_settings(params, "coreml", "android_budget")

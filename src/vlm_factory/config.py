@@ -113,6 +113,7 @@ class TierConfig:
 class ExportConfig:
     opset: int = 20
     coreml_minimum_target: str = "iOS18"
+    calibration_images: int = 32
 
 
 @dataclass

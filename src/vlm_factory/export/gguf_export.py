@@ -15,14 +15,15 @@ from importlib.metadata import version
 from pathlib import Path
 
 from vlm_factory.errors import UserError
+from vlm_factory.export.gguf_check import open_gguf
 from vlm_factory.export.gguf_llm import write_llm_gguf
 from vlm_factory.export.gguf_mmproj import write_mmproj_gguf
 from vlm_factory.export.gguf_quantize import quantize
+from vlm_factory.export.report import EXPORT_REPORT
 from vlm_factory.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-from vlm_factory.runtime.open import EXPORT_REPORT as REPORT
 DEFAULTS = {"vision": "F16", "projector": "F16"}
 
 
@@ -53,8 +54,6 @@ def ggml_commit() -> str:
 
 def describe_gguf(path: Path) -> dict:
     """Tensors of a GGUF file with their types and bits per weight, read back from the file itself."""
-    from vlm_factory.export.gguf_check import open_gguf
-
     reader = open_gguf(path)
     tensors, by_type = [], {}
     total_bytes = total_elements = 0
@@ -97,7 +96,7 @@ def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> di
             "tools": {"gguf": version("gguf"), "llama_cpp_python": version("llama_cpp_python"),
                       "llama_cpp_commit": ggml_commit()},
         }
-        write_json(report, staging / REPORT)
+        write_json(report, staging / EXPORT_REPORT)
     log.info("gguf for %s: %s + %s, %.1f MiB, %d fallback(s), in %.1fs", tier, llm_name, mmproj_name,
              report["total_bytes"] / 2**20, len(fallbacks), time.perf_counter() - started)
     return report

@@ -1,11 +1,11 @@
-"""Stage export_gguf@<tier>: LLM + mmproj GGUF quantized by llama.cpp as the tier says, with its report."""
+"""Stage export_<format>@<tier>: one target's artifact, as the tier's settings say, with its report."""
 
 import argparse
 from pathlib import Path
 
 from vlm_factory.config import load_params, target_settings
 from vlm_factory.errors import exits_cleanly
-from vlm_factory.export.gguf_export import export_gguf, report_summary
+from vlm_factory.export.targets import export_target
 from vlm_factory.io import write_json
 from vlm_factory.logs import setup_logging
 
@@ -14,15 +14,19 @@ from vlm_factory.logs import setup_logging
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--format", required=True)
     parser.add_argument("--tier", required=True)
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="the dataset (calibration images come from train)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     args = parser.parse_args(argv)
     setup_logging()
-    settings = target_settings(load_params(args.params), "gguf", args.tier, args.params)
-    report = export_gguf(args.model, args.out, args.tier, settings)
-    write_json(report_summary(report), args.summary)
+    params = load_params(args.params)
+    settings = target_settings(params, args.format, args.tier, args.params)
+    _, summary = export_target(args.format, model_dir=args.model, out_dir=args.out, tier=args.tier,
+                               settings=settings, data_dir=args.data, export_cfg=params.export)
+    write_json(summary, args.summary)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""One entry point for every export format: what the export stage calls for a (format, tier) target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlm_factory.config import ExportConfig
+from vlm_factory.errors import UserError
+
+
+def export_target(fmt: str, *, model_dir: Path, out_dir: Path, tier: str, settings: dict, data_dir: Path,
+                  export_cfg: ExportConfig) -> tuple[dict, dict]:
+    """Export one target into `out_dir`; return (full report, its small summary for metrics/)."""
+    if fmt == "gguf":
+        from vlm_factory.export.gguf_export import export_gguf, report_summary
+
+        report = export_gguf(model_dir, out_dir, tier, settings)
+    elif fmt == "onnx":
+        from vlm_factory.export.onnx_export import export_onnx, report_summary
+
+        report = export_onnx(model_dir, out_dir, tier, settings, data_dir, export_cfg.calibration_images)
+    else:
+        raise UserError(f"format {fmt!r} has no exporter yet (targets.{fmt}.{tier})")
+    return report, report_summary(report)
