@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(RUN) python benchmarks/gguf_converter.py
+	$(RUN) python benchmarks/onnx_runtime.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from transformers import LlavaConfig
 
+from vlm_factory.artifacts import artifact_bytes
 from vlm_factory.config import load_params, target_settings
 from vlm_factory.data.records import read_jsonl
 from vlm_factory.errors import GateFailed, exits_cleanly
@@ -13,7 +14,6 @@ from vlm_factory.eval.parity import gate_table
 from vlm_factory.io import write_json
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.checkpoint import load_checkpoint
-from vlm_factory.export.report import artifact_bytes
 from vlm_factory.runtime.open import open_runtime
 
 

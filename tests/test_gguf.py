@@ -10,9 +10,9 @@ import torch
 
 from conftest import BUNDLED_BASE
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_check import open_gguf
 from vlm_factory.export.gguf_llm import permute_rotary, write_llm_gguf
 from vlm_factory.export.gguf_mmproj import write_mmproj_gguf
+from vlm_factory.runtime.gguf_check import open_gguf
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,

@@ -21,6 +21,8 @@ TINY = [
     # test_a_failed_gate_stops_with_a_table checks that a gate does stop the stage.
     "eval.max_drop.gguf.Q4_K_M=100.0", "eval.max_drop.gguf.Q5_K_M=100.0", "eval.max_drop.gguf.Q8_0=100.0",
     "eval.min_embedding_cosine.gguf=0.0",
+    "eval.max_drop.onnx.int8=100.0", "eval.max_drop.onnx.fp16=100.0", "eval.min_embedding_cosine.onnx=0.0",
+    "export.calibration_images=4",
 ]
 
 
@@ -53,7 +55,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     out = _run(["dvc", "repro"], workspace)
     for stage in ("download", "finetune", "reference_eval", "budget@iphone15pro", "budget@jetson_orin",
                   "export_gguf@android_budget", "export_gguf@jetson_orin", "parity_gguf@iphone15pro",
-                  "parity_gguf@android_flagship"):
+                  "parity_gguf@android_flagship", "export_onnx@android_budget", "export_onnx@jetson_orin",
+                  "parity_onnx@android_flagship", "parity_onnx@jetson_orin"):
         assert f"'{stage}'" in out, f"stage {stage} did not run:\n{out[-2000:]}"
     assert "pretrain_base" not in out.split("Running stage")[-1]  # frozen: never rebuilt
 
@@ -72,6 +75,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     exported = json.loads((workspace / "metrics" / "export" / "jetson_orin-gguf.json").read_text())
     assert exported["files"]["llm"]["file"] == "llm-Q8_0.gguf"
     assert (workspace / "artifacts" / "export" / "jetson_orin" / "gguf" / "llm-Q8_0.gguf").is_file()
+    onnx_parity = json.loads((workspace / "metrics" / "parity" / "android_budget-onnx.json").read_text())
+    assert onnx_parity["format"] == "onnx" and onnx_parity["threshold"]["max_drop"] == 100.0
+    assert all(v["method"] == "pixel input" for v in onnx_parity["preprocessing"].values())
+    assert (workspace / "artifacts" / "export" / "android_budget" / "onnx" / "text.ort").is_file()
+    assert not (workspace / "metrics" / "parity" / "iphone15pro-onnx.json").exists()  # the tier lists no onnx
 
     again = _run(["dvc", "repro"], workspace)
     assert "Running stage" not in again

@@ -111,7 +111,6 @@ class TierConfig:
 
 @dataclass
 class ExportConfig:
-    opset: int = 20
     coreml_minimum_target: str = "iOS18"
     calibration_images: int = 32
 

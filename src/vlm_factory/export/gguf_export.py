@@ -14,13 +14,13 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_check import open_gguf
 from vlm_factory.export.gguf_llm import write_llm_gguf
 from vlm_factory.export.gguf_mmproj import write_mmproj_gguf
 from vlm_factory.export.gguf_quantize import quantize
-from vlm_factory.export.report import EXPORT_REPORT
 from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.runtime.gguf_check import open_gguf
 
 log = logging.getLogger(__name__)
 

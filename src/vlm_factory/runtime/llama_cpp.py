@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_check import open_gguf
 from vlm_factory.model.prompt import IMAGE_TOKEN, MAX_ANSWER_TOKENS, user_prompt
+from vlm_factory.runtime.gguf_check import open_gguf
 
 
 KV_CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlm_factory.artifacts import read_export_report
 from vlm_factory.errors import UserError
-from vlm_factory.export.report import read_export_report
 
 
 def open_runtime(fmt: str, artifact_dir: Path, *, context_tokens: int, kv_cache: str):

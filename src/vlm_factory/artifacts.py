@@ -1,4 +1,4 @@
-"""Where every export stage leaves its report, and how a later stage reads it back."""
+"""The on-disk contract of an exported artifact directory: where its export report lives, what a device downloads."""
 
 from __future__ import annotations
 

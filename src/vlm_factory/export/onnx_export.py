@@ -1,0 +1,293 @@
+"""One tier's ONNX package: vision / embedding / text graphs at the tier's precision, with an export report.
+
+Settings (`targets.onnx.<tier>`): `precision` fp32 | fp16 | int8, `ort_format` true | false.
+
+Steps, all in a staging directory swapped in only when everything succeeded:
+
+1. `export_onnx_fp32` (onnx_graphs.py): the three fp32 graphs from torch's dynamo exporter, checked
+   against PyTorch at batch 1 / past 0, plus genai_config.json and the processor files.
+2. Optimisation (onnx_optimize.py) of vision and text: onnxscript's transformer fusions, then
+   onnxruntime's offline ORT_ENABLE_EXTENDED, saved to file. The optimised graphs must match the
+   exported ones within onnx_graphs.SELF_CHECK_ATOL (at two shapes), or the export fails.
+3. Precision (onnx_quantize.py):
+   - fp32: the optimised graphs;
+   - fp16: the optimised graphs converted to float16 with float32 inputs/outputs (embedding too);
+   - int8: decoder dynamic per-channel QInt8 from the fused graph, vision static QDQ from the exported
+     graph, calibrated on `calibration_images` training images; both then ORT-optimised, which turns
+     the quantized ops into MatMulIntegerToFloat / DynamicQuantizeMatMul; the embedding stays fp32.
+4. With `ort_format`, each final graph also as `<name>.ort` (ONNX Runtime Mobile) beside it.
+
+The final graphs keep the names genai_config.json gives (vision.onnx, embedding.onnx, text.onnx),
+so `OnnxRuntime(out_dir)` loads them; the config records each graph's precision and `.ort` name.
+The report also measures the result against the fp32 export: vision-feature cosines on the
+calibration images and the first answer token's log-probability on training questions (the parity
+stage gates on held-out data; these numbers are for the record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from vlm_factory.artifacts import EXPORT_REPORT
+from vlm_factory.data.images import load_image
+from vlm_factory.data.records import read_jsonl
+from vlm_factory.errors import UserError
+from vlm_factory.export.onnx_graphs import (GENAI_CONFIG, OPSET, SELF_CHECK_ATOL, describe_onnx, export_onnx_fp32,
+                                            tool_versions)
+from vlm_factory.export.onnx_optimize import (cpu_fallback_ops, fusions_applied, max_abs_diff, op_histogram,
+                                              ort_optimize, run_graph, to_ort_format, transformer_fusions)
+from vlm_factory.export.onnx_quantize import (calibration_pixels, convert_fp16, quantize_decoder_dynamic,
+                                              quantize_vision_static)
+from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.runtime.onnx_check import check_external_data
+from vlm_factory.runtime.onnx_runtime import OnnxRuntime
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+SETTINGS = ("precision", "ort_format")
+DEFAULTS = {"ort_format": False}
+# (report role, genai_config.json section, file name); file names as onnx_graphs writes them.
+ROLES = (("vision", "vision", "vision.onnx"), ("embedding", "embedding", "embedding.onnx"),
+         ("text", "decoder", "text.onnx"))
+CHECK_QUESTIONS = 8  # training questions whose first answer token is compared with the fp32 export
+
+
+def onnx_settings(settings, tier: str) -> dict:
+    """The tier's ONNX settings validated, with defaults; a one-line UserError naming the key otherwise."""
+    key = f"targets.onnx.{tier}"
+    if not isinstance(settings, Mapping):
+        raise UserError(f"key '{key}' must be a mapping with precision and ort_format; got {settings!r}")
+    for name in settings:
+        if name not in SETTINGS:
+            raise UserError(f"key '{key}.{name}' is not an ONNX setting (known: {', '.join(SETTINGS)})")
+    if "precision" not in settings:
+        raise UserError(f"key '{key}.precision' is missing: set one of {', '.join(PRECISIONS)}")
+    precision = settings["precision"]
+    if not isinstance(precision, str) or precision.lower() not in PRECISIONS:
+        raise UserError(f"key '{key}.precision' must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    ort_format = settings.get("ort_format", DEFAULTS["ort_format"])
+    if not isinstance(ort_format, bool):
+        raise UserError(f"key '{key}.ort_format' must be true or false; got {ort_format!r}")
+    precision = precision.lower()
+    if precision == "fp16" and ort_format:
+        # The .ort file is written by this (CPU) onnxruntime, which bakes casts to float32 around every
+        # op without a CPU float16 kernel into the file: useless for the GPU/NPU an fp16 tier targets.
+        raise UserError(f"key '{key}.ort_format' must be false with precision fp16: the ORT format is saved "
+                        "after CPU partitioning, which runs most float16 ops in float32; use int8 or fp32 for it")
+    return {"precision": precision, "ort_format": ort_format}
+
+
+@contextlib.contextmanager
+def _timed(message: str, *args) -> Iterator[None]:
+    """Log `message` with the seconds the block took."""
+    started = time.perf_counter()
+    yield
+    log.info(message + " in %.1fs", *args, time.perf_counter() - started)
+
+
+def _random_feeds(genai: dict) -> tuple[list[dict], list[dict]]:
+    """Vision and decoder feeds at two shapes each (batch 1 / past 0, and batch 2 / past 4)."""
+    model = genai["model"]
+    vision, decoder = model["vision"], model["decoder"]
+    rng = np.random.default_rng(0)
+    vision_feeds = [{"pixel_values": rng.standard_normal((batch, vision["num_channels"], *vision["image_size"]),
+                                                         dtype=np.float32)} for batch in (1, 2)]
+    inputs = decoder["inputs"]
+    text_feeds = []
+    for batch, sequence, past in ((1, 1, 0), (2, 3, 4)):
+        embeds = rng.standard_normal((batch, sequence, decoder["hidden_size"]), dtype=np.float32)
+        feed = {inputs["inputs_embeds"]: embeds,
+                inputs["attention_mask"]: np.ones((batch, past + sequence), dtype=np.int64),
+                inputs["position_ids"]: np.tile(np.arange(past, past + sequence, dtype=np.int64), (batch, 1))}
+        kv_shape = (batch, decoder["num_key_value_heads"], past, decoder["head_size"])
+        for i in range(decoder["num_hidden_layers"]):
+            for kind in ("past_key_names", "past_value_names"):
+                feed[inputs[kind] % i] = rng.standard_normal(kv_shape, dtype=np.float32)
+        text_feeds.append(feed)
+    return vision_feeds, text_feeds
+
+
+def _check_optimised(raw: dict[str, Path], optimised: dict[str, Path], genai: dict) -> dict[str, float]:
+    """Max abs diff optimised vs exported fp32 graph; fusions must not change the numbers."""
+
+    vision_feeds, text_feeds = _random_feeds(genai)
+    diffs = {role: max(max_abs_diff(raw[role], optimised[role], feed) for feed in feeds)
+             for role, feeds in (("vision", vision_feeds), ("text", text_feeds))}
+    bad = {role: diff for role, diff in diffs.items() if not diff <= SELF_CHECK_ATOL}
+    if bad:
+        raise RuntimeError(f"optimised ONNX graphs disagree with the exported ones: {bad} "
+                           f"(max abs diff, atol {SELF_CHECK_ATOL}); a fusion is wrong for this model")
+    return diffs
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def _compare_with_fp32(reference_dir: Path, artifact_dir: Path, pixels: np.ndarray, questions: list) -> dict:
+    """The final graphs vs the fp32 export: vision cosines per image, first-token log-probs per question."""
+
+    reference = run_graph(reference_dir / "vision.onnx", {"pixel_values": pixels})[0]
+    actual = run_graph(artifact_dir / "vision.onnx", {"pixel_values": pixels})[0]
+    flat_ref, flat = reference.reshape(len(pixels), -1), actual.reshape(len(pixels), -1)
+    cosines = (flat_ref * flat).sum(1) / (np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat, axis=1))
+    result = {"vision_cosine_vs_fp32": {"images": len(pixels), "min": round(float(cosines.min()), 6),
+                                        "mean": round(float(cosines.mean()), 6)}}
+    if questions:
+
+        diffs, agree = [], 0
+        with OnnxRuntime(reference_dir) as ref_rt, OnnxRuntime(artifact_dir) as rt:
+            for image, question in questions:
+                expected = _log_softmax(ref_rt.first_token_logits(image, question))
+                got = _log_softmax(rt.first_token_logits(image, question))
+                top = int(expected.argmax())
+                diffs.append(abs(float(got[top] - expected[top])))
+                agree += int(got.argmax()) == top
+        result["first_token_vs_fp32"] = {"questions": len(questions), "logprob_max_abs_diff": round(max(diffs), 6),
+                                         "top1_agreement": round(agree / len(questions), 4)}
+    return result
+
+
+def _check_questions(records: list, data_dir: Path, count: int) -> list:
+
+    picks = np.unique(np.linspace(0, len(records) - 1, num=min(count, len(records))).round().astype(int))
+    return [(load_image(data_dir / records[i].image), records[i].question) for i in picks]
+
+
+def _graph_entry(path: Path, raw_ops: dict, precision: str, pipeline: list[str], extra: dict) -> dict:
+
+    ops = op_histogram(path)
+    return {**describe_onnx(path), "precision": precision, "pipeline": pipeline, "ops_exported": raw_ops,
+            "ops": ops, "fusions": fusions_applied(raw_ops, ops), **extra}
+
+
+def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_dir: Path,
+                calibration_images: int = 32) -> dict:
+    """Write `out_dir` (atomically) with the tier's three graphs, genai_config.json, processor files and
+    export_report.json; return the report. `data_dir` holds train.jsonl (INT8 calibration, checks)."""
+    settings = onnx_settings(settings, tier)
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
+        raise UserError(f"calibration_images must be a positive number of images; got {calibration_images!r}")
+
+    model_dir, out_dir, data_dir = Path(model_dir), Path(out_dir), Path(data_dir)
+    records = read_jsonl(data_dir / "train.jsonl")  # before any work: a missing split fails in a second
+    precision = settings["precision"]
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory(dir=staging.parent,
+                                                                    prefix=f".{out_dir.name}.work.") as scratch:
+        scratch = Path(scratch)
+        raw_dir = scratch / "fp32"
+        fp32_report = export_onnx_fp32(model_dir, raw_dir)
+        for path in raw_dir.iterdir():
+            if path.suffix != ".onnx" and path.name != EXPORT_REPORT:
+                shutil.copy2(path, staging / path.name)
+        genai = json.loads((raw_dir / GENAI_CONFIG).read_text(encoding="utf-8"))
+        raw = {role: raw_dir / name for role, _, name in ROLES}
+        raw_ops = {role: op_histogram(path) for role, path in raw.items()}
+
+        fused, optimised, onnxscript_counts = {}, {}, {}
+        for role in ("vision", "text"):
+            fused[role], optimised[role] = scratch / f"{role}.fused.onnx", scratch / f"{role}.opt.onnx"
+            with _timed("%s: onnxscript fusions + ORT_ENABLE_EXTENDED", role):
+                onnxscript_counts[role] = transformer_fusions(raw[role], fused[role])
+                ort_optimize(fused[role], optimised[role])
+        optimised_diffs = _check_optimised(raw, optimised, genai)
+        with _timed("reading %d calibration images", calibration_images):
+            pixels = calibration_pixels(records, data_dir, genai["model"]["vision"]["preprocessing"],
+                                        calibration_images)
+
+        exported = "torch.onnx.export(dynamo=True)"
+        optimise = ["onnxscript optimize_for_ort", "onnxruntime ORT_ENABLE_EXTENDED"]
+        pipelines = {"vision": [exported, *optimise], "embedding": [exported], "text": [exported, *optimise]}
+        precisions = dict.fromkeys(raw, precision)
+        extra = {role: {"onnxscript_fusions": onnxscript_counts.get(role, {})} for role in raw}
+        final = {role: staging / name for role, _, name in ROLES}
+        if precision == "fp32":
+            for role in raw:
+                shutil.copy2(optimised.get(role, raw[role]), final[role])
+        elif precision == "fp16":
+
+            for role in raw:
+                with _timed("%s: float16", role):
+                    extra[role]["conversion"] = convert_fp16(optimised.get(role, raw[role]), final[role])
+                extra[role]["cpu_fallback_ops"] = cpu_fallback_ops(final[role], scratch)
+                pipelines[role].append("convert_float_to_float16(keep_io_types)")
+        else:
+            quantized = {role: scratch / f"{role}.int8.onnx" for role in ("vision", "text")}
+            with _timed("vision: static QDQ INT8 on %d images", len(pixels)):
+                extra["vision"]["quantization"] = quantize_vision_static(raw["vision"], quantized["vision"], pixels)
+            with _timed("text: dynamic INT8"):
+                extra["text"]["quantization"] = quantize_decoder_dynamic(fused["text"], quantized["text"])
+            for role, path in quantized.items():
+                ort_optimize(path, final[role])
+            pipelines["vision"] = [exported, "quantize_static QDQ", "onnxruntime ORT_ENABLE_EXTENDED"]
+            pipelines["text"] = [exported, "onnxscript optimize_for_ort", "quantize_dynamic",
+                                 "onnxruntime ORT_ENABLE_EXTENDED"]
+            extra["vision"]["onnxscript_fusions"] = {}
+            shutil.copy2(raw["embedding"], final["embedding"])
+            precisions["embedding"] = "fp32"
+            extra["embedding"]["quantization"] = None  # a Gather table: see onnx_quantize.py
+
+        for role, section, name in ROLES:
+            check_external_data(final[role])  # our own files; a cheap guard that nothing points elsewhere
+            entry = genai["model"][section]
+            entry["precision"] = precisions[role]
+            if settings["ort_format"]:
+                ort_path = final[role].with_suffix(".ort")
+                with _timed("%s: ORT format", ort_path.name):
+                    to_ort_format(final[role], ort_path)
+                entry["ort_filename"] = ort_path.name
+                extra[role]["ort"] = {"file": ort_path.name, "file_bytes": ort_path.stat().st_size}
+        write_json(genai, staging / GENAI_CONFIG)
+
+        with _timed("comparing the %s graphs with the fp32 export", precision):
+            checks = _compare_with_fp32(raw_dir, staging, pixels, _check_questions(records, data_dir, CHECK_QUESTIONS))
+        files = {role: _graph_entry(final[role], raw_ops[role], precisions[role], pipelines[role], extra[role])
+                 for role in raw}
+        report = {
+            "format": "onnx", "tier": tier, "settings": settings, "precision": precision,
+            "exporter": fp32_report["exporter"], "opset": OPSET, "files": files,
+            "total_bytes": sum(f["file_bytes"] for f in files.values()),
+            "ort_total_bytes": (sum(f["ort"]["file_bytes"] for f in files.values()) if settings["ort_format"]
+                                else None),
+            "calibration": ({"split": "train", "images": int(len(pixels)), "method": "MinMax"}
+                            if precision == "int8" else None),
+            "checks": {"fp32_export_vs_torch_max_abs_diff": fp32_report["self_check_max_abs_diff"],
+                       "optimised_vs_export_max_abs_diff": optimised_diffs, **checks},
+            "tools": tool_versions(),
+        }
+        write_json(report, staging / EXPORT_REPORT)
+    log.info("onnx %s for %s: %.1f MiB in 3 graphs%s, vision cosine vs fp32 >= %.4f, in %.1fs", precision, tier,
+             report["total_bytes"] / 2**20,
+             f" (+ {report['ort_total_bytes'] / 2**20:.1f} MiB .ort)" if settings["ort_format"] else "",
+             checks["vision_cosine_vs_fp32"]["min"], time.perf_counter() - started)
+    return report
+
+
+def report_summary(report: dict) -> dict:
+    """The small, committed part of the export report (no op histograms, shapes or pipelines)."""
+    def graph(f: dict) -> dict:
+        quantization = f.get("quantization") or {}
+        return {"file": f["file"], "file_bytes": f["file_bytes"], "precision": f["precision"], "fusions": f["fusions"],
+                "quantized_nodes": quantization.get("quantized_nodes", {}),
+                "ort_file_bytes": (f.get("ort") or {}).get("file_bytes")}
+
+    return {
+        "format": report["format"], "tier": report["tier"], "settings": report["settings"],
+        "total_bytes": report["total_bytes"], "ort_total_bytes": report["ort_total_bytes"],
+        "calibration_images": (report["calibration"] or {}).get("images"),
+        "checks": {k: v for k, v in report["checks"].items() if k in ("vision_cosine_vs_fp32", "first_token_vs_fp32")},
+        "files": {role: graph(f) for role, f in report["files"].items()}, "tools": report["tools"],
+    }

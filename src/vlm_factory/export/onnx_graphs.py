@@ -1,0 +1,326 @@
+"""ONNX export of a LLaVA checkpoint: three graphs and the config a device needs to run them.
+
+The layout follows ONNX Runtime GenAI's multimodal models (Phi-3-vision, LLaVA-style):
+
+    vision.onnx           pixel_values [batch, 3, H, W] -> image_features [batch, image tokens, text hidden]
+                          (tower at the configured feature layer + projector, as LLaVA feeds the LLM)
+    embedding.onnx        input_ids [batch, sequence] -> inputs_embeds [batch, sequence, text hidden]
+    text.onnx             inputs_embeds, attention_mask [batch, past + sequence], position_ids,
+                          past_key_values.{i}.key/value [batch, kv heads, past, head dim]
+                          -> logits [batch, sequence, vocab], present.{i}.key/value
+    genai_config.json     graph file names, input/output names, KV-cache shape, special token ids,
+                          the prompt template and the image preprocessing (pad-to-square colour,
+                          resize, mean/std), so a device app needs no Python and no transformers
+    processor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja
+                          the model's own processor files, copied as transformers saves them
+
+Why three graphs and not one: the vision graph runs once per image and the embedding lookup once
+per token, while the decoder runs once per generated token; the app merges image features into the
+token embeddings at the `<image>` positions between the first two and the third, which is also where
+a device can cache an image's features. Quantizers treat the three differently too.
+
+Exporter: `torch.onnx.export(dynamo=True)` for all three (torch.export traces the transformers
+modules, DynamicCache included). torch.export specialises any dimension whose sample size is 1 (or
+0), so the samples use batch 2, sequence 3 and past 4, and every dynamic axis is named; the names
+become the graphs' symbolic dims. A past length of 0 (the prompt's prefill) is not a special case:
+the app feeds empty [batch, kv heads, 0, head dim] tensors, and `self_check` runs each written graph
+in onnxruntime at batch 1, sequence 1 and past 0 against PyTorch before the export is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache, LlavaForConditionalGeneration
+
+from vlm_factory.artifacts import EXPORT_REPORT
+from vlm_factory.errors import UserError
+from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.model.checkpoint import load_checkpoint
+from vlm_factory.model.features import project, tower_features
+from vlm_factory.model.prompt import IMAGE_TOKEN, MAX_ANSWER_TOKENS, user_prompt
+
+log = logging.getLogger(__name__)
+
+VISION_FILE, EMBEDDING_FILE, TEXT_FILE = "vision.onnx", "embedding.onnx", "text.onnx"
+GENAI_CONFIG = "genai_config.json"
+# Pinned rather than torch's default, so a torch upgrade cannot silently change what devices must run.
+OPSET = 20
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+# Sample sizes for tracing: none may be 1 (torch.export would fix that axis to 1).
+SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST = 2, 3, 4
+# onnxruntime vs PyTorch at fp32, for the self-check at unseen shapes. Measured on the bundled base:
+# ~5e-5 on vision features (SigLIP activations before the post-layernorm reach ~100) and ~1e-5 on logits.
+SELF_CHECK_ATOL = 1e-3
+
+
+def kv_names(n_layers: int, key: str, value: str) -> list[str]:
+    """Flat per-layer names in the order the graphs take them: layer 0 key, layer 0 value, layer 1 key..."""
+    return [pattern % i for i in range(n_layers) for pattern in (key, value)]
+
+
+class VisionGraph(torch.nn.Module):
+    """pixel_values -> projected image features, exactly `project(model, tower_features(model, pixels))`."""
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return project(self.model, tower_features(self.model, pixel_values))
+
+
+class EmbeddingGraph(torch.nn.Module):
+    def __init__(self, model: LlavaForConditionalGeneration):
+        super().__init__()
+        self.embed_tokens = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class TextGraph(torch.nn.Module):
+    """The Llama decoder + LM head over flat KV-cache tensors (a DynamicCache is built inside the trace)."""
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        super().__init__()
+        self.decoder = model.model.language_model
+        self.lm_head = model.lm_head
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        cache = DynamicCache(ddp_cache_data=[(key, value) for key, value in past_key_values])
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (self.lm_head(out.last_hidden_state), *present)
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic_shapes) -> None:
+    # Weights stay inside the .onnx file: the graphs are small and a single file is what apps bundle.
+    # torch.onnx logs one warning per torchvision op it cannot register; torchvision is not used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # Noise, not problems: a pytree deprecation inside torch.export, and the note that axes given the
+        # same name (e.g. every past_sequence) were found equal and share that name.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used", category=UserWarning)
+        torch.onnx.export(module.eval(), args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
+                          input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+                          verbose=False)
+
+
+def export_vision(model: LlavaForConditionalGeneration, path: Path) -> None:
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(SAMPLE_BATCH, model.config.vision_config.num_channels, size, size)
+    _export(VisionGraph(model), (pixels,), path, ["pixel_values"], ["image_features"],
+            {"pixel_values": {0: "batch"}})
+
+
+def export_embedding(model: LlavaForConditionalGeneration, path: Path) -> None:
+    ids = torch.randint(0, model.config.text_config.vocab_size, (SAMPLE_BATCH, SAMPLE_SEQUENCE))
+    _export(EmbeddingGraph(model), (ids,), path, ["input_ids"], ["inputs_embeds"],
+            {"input_ids": {0: "batch", 1: "sequence"}})
+
+
+def sample_text_inputs(model: LlavaForConditionalGeneration, batch: int, sequence: int, past: int,
+                       generator: torch.Generator | None = None) -> tuple:
+    """Random decoder inputs in TextGraph's argument order (no padding: the mask is all ones)."""
+    config = model.config.text_config
+    kv_shape = (batch, config.num_key_value_heads, past, _head_dim(config))
+    past_kv = [(torch.randn(kv_shape, generator=generator), torch.randn(kv_shape, generator=generator))
+               for _ in range(config.num_hidden_layers)]
+    return (torch.randn(batch, sequence, config.hidden_size, generator=generator),
+            torch.ones(batch, past + sequence, dtype=torch.int64),
+            torch.arange(past, past + sequence).repeat(batch, 1), past_kv)
+
+
+def export_text(model: LlavaForConditionalGeneration, path: Path) -> None:
+    n_layers = model.config.text_config.num_hidden_layers
+    args = sample_text_inputs(model, SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST)
+    kv_axes = {0: "batch", 2: "past_sequence"}
+    dynamic = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+               "position_ids": {0: "batch", 1: "sequence"},
+               "past_key_values": [(kv_axes, kv_axes) for _ in range(n_layers)]}
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n_layers, PAST_KEY, PAST_VALUE)]
+    _export(TextGraph(model), args, path, inputs, ["logits", *kv_names(n_layers, PRESENT_KEY, PRESENT_VALUE)],
+            dynamic)
+
+
+def _head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def _size_dict(size) -> dict | None:
+    if size is None:
+        return None
+    items = size.items() if hasattr(size, "items") else vars(size).items()
+    return {k: int(v) for k, v in items if v is not None}
+
+
+def image_preprocessing(image_processor) -> dict:
+    """The processor's preprocessing as plain data a device can implement (see runtime/onnx_runtime.py).
+
+    The pad colour is computed as LlavaImageProcessor computes it: int(mean * 255) per channel.
+    """
+    p = image_processor
+    mean = [float(m) for m in p.image_mean]
+    return {
+        "convert_rgb": bool(getattr(p, "do_convert_rgb", True)),
+        "pad_to_square": bool(getattr(p, "do_pad", False)),
+        "pad_color": [int(m * 255) for m in mean],
+        "resize": _size_dict(p.size) if p.do_resize else None,
+        "resample": {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(p.resample), str(p.resample)),
+        "center_crop": _size_dict(p.crop_size) if getattr(p, "do_center_crop", False) else None,
+        "rescale_factor": float(p.rescale_factor) if p.do_rescale else 1.0,
+        "mean": mean if p.do_normalize else [0.0, 0.0, 0.0],
+        "std": [float(s) for s in p.image_std] if p.do_normalize else [1.0, 1.0, 1.0],
+        "layout": "NCHW", "dtype": "float32",
+    }
+
+
+def genai_config(model: LlavaForConditionalGeneration, processor) -> dict:
+    """ORT GenAI-style description of the three graphs, plus the prompt and preprocessing they assume."""
+    config, text = model.config, model.config.text_config
+    tokenizer = processor.tokenizer
+    size = config.vision_config.image_size
+    return {
+        "model": {
+            "type": "llava", "vocab_size": text.vocab_size, "context_length": text.max_position_embeddings,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "image_token_id": config.image_token_id,
+            "vision": {
+                "filename": VISION_FILE, "num_image_tokens": config.image_seq_length,
+                "image_size": [size, size], "num_channels": config.vision_config.num_channels,
+                "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"},
+                "preprocessing": image_preprocessing(processor.image_processor),
+            },
+            "embedding": {"filename": EMBEDDING_FILE, "inputs": {"input_ids": "input_ids"},
+                          "outputs": {"inputs_embeds": "inputs_embeds"}},
+            "decoder": {
+                "filename": TEXT_FILE, "hidden_size": text.hidden_size, "head_size": _head_dim(text),
+                "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+                "num_hidden_layers": text.num_hidden_layers,
+                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY,
+                            "present_value_names": PRESENT_VALUE},
+            },
+        },
+        "prompt": {
+            "template": user_prompt("{question}"), "image_token": IMAGE_TOKEN,
+            "image_token_repeat": config.image_seq_length, "add_bos": True,
+            "note": "replace {question} with the stripped question, repeat image_token image_token_repeat "
+                    "times, tokenize with tokenizer.json (it adds BOS), put image_features at those positions",
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_ANSWER_TOKENS,
+                   "max_length": text.max_position_embeddings},
+    }
+
+
+def export_graphs(model: LlavaForConditionalGeneration, out_dir: Path) -> None:
+    for name, export in ((VISION_FILE, export_vision), (EMBEDDING_FILE, export_embedding), (TEXT_FILE, export_text)):
+        started = time.perf_counter()
+        export(model, out_dir / name)
+        log.info("exported %s in %.1fs", name, time.perf_counter() - started)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _max_diff(actual: list[np.ndarray], expected) -> float:
+    expected = [expected] if isinstance(expected, torch.Tensor) else expected
+    if len(actual) != len(expected) or any(a.shape != tuple(e.shape) for a, e in zip(actual, expected)):
+        return float("inf")
+    return max(float(np.abs(a - e.numpy()).max()) for a, e in zip(actual, expected))
+
+
+@torch.no_grad()
+def self_check(model: LlavaForConditionalGeneration, out_dir: Path) -> dict:
+    """Max abs diff onnxruntime vs PyTorch per graph at shapes the trace did not see (batch 1, past 0)."""
+    config = model.config
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)  # the same inputs every time, and the global RNG left alone
+    pixels = torch.randn(1, config.vision_config.num_channels, size, size, generator=generator)
+    ids = torch.randint(0, config.text_config.vocab_size, (1, 5), generator=generator)
+    text_args = sample_text_inputs(model, 1, 1, 0, generator)
+    text_feed = dict(zip(["inputs_embeds", "attention_mask", "position_ids"], (t.numpy() for t in text_args[:3])))
+    n_layers = config.text_config.num_hidden_layers
+    text_feed.update(zip(kv_names(n_layers, PAST_KEY, PAST_VALUE), (t.numpy() for kv in text_args[3] for t in kv)))
+    diffs = {
+        VISION_FILE: _max_diff(_session(out_dir / VISION_FILE).run(None, {"pixel_values": pixels.numpy()}),
+                               VisionGraph(model)(pixels)),
+        EMBEDDING_FILE: _max_diff(_session(out_dir / EMBEDDING_FILE).run(None, {"input_ids": ids.numpy()}),
+                                  EmbeddingGraph(model)(ids)),
+        TEXT_FILE: _max_diff(_session(out_dir / TEXT_FILE).run(None, text_feed), TextGraph(model)(*text_args)),
+    }
+    bad = {name: diff for name, diff in diffs.items() if not diff <= SELF_CHECK_ATOL}
+    if bad:
+        raise RuntimeError(f"exported ONNX graphs disagree with PyTorch at batch 1 / past 0: {bad} "
+                           f"(max abs diff, atol {SELF_CHECK_ATOL})")
+    return diffs
+
+
+def describe_onnx(path: Path) -> dict:
+    """File size, opset and the symbolic input/output shapes, read back from the written graph."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def shapes(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    return {"file": path.name, "file_bytes": path.stat().st_size,
+            "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+            "inputs": shapes(proto.graph.input), "outputs": shapes(proto.graph.output)}
+
+
+def tool_versions() -> dict:
+    versions = {}
+    for package in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def export_onnx_fp32(model_dir: Path | str, out_dir: Path | str) -> dict:
+    """Write `out_dir` (atomically): three fp32 graphs, genai_config.json, processor files, export_report.json."""
+
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"ONNX export needs the onnx extra ({exc.name} is missing): "
+                        "pip install -c constraints.txt -e '.[onnx]'") from None
+    model, processor = load_checkpoint(model_dir)
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as staging:
+        export_graphs(model, staging)
+        diffs = self_check(model, staging)
+        processor.save_pretrained(staging)
+        write_json(genai_config(model, processor), staging / GENAI_CONFIG)
+        files = {role: describe_onnx(staging / name)
+                 for role, name in (("vision", VISION_FILE), ("embedding", EMBEDDING_FILE), ("text", TEXT_FILE))}
+        report = {
+            "format": "onnx", "precision": "fp32", "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
+            "files": files, "total_bytes": sum(f["file_bytes"] for f in files.values()),
+            "self_check_max_abs_diff": diffs, "tools": tool_versions(),
+        }
+        write_json(report, staging / EXPORT_REPORT)
+    log.info("onnx fp32: %.1f MiB in 3 graphs, in %.1fs", report["total_bytes"] / 2**20, time.perf_counter() - started)
+    return report
