@@ -108,3 +108,14 @@ def test_compose_check_cli_reports_staleness(tmp_path, root):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "differs" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_built_format_has_export_and_parity_stages_and_no_other(root):
+    from vlm_factory.export.targets import BUILT_FORMATS
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for kind in ("export", "parity"):
+        staged = {name.split("_", 1)[1] for name in stages if name.startswith(kind + "_")}
+        assert staged == set(BUILT_FORMATS), kind
+        for fmt in BUILT_FORMATS:
+            assert stages[f"{kind}_{fmt}"]["foreach"] == "${targets." + fmt + "}"

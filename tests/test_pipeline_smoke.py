@@ -56,7 +56,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     for stage in ("download", "finetune", "reference_eval", "budget@iphone15pro", "budget@jetson_orin",
                   "export_gguf@android_budget", "export_gguf@jetson_orin", "parity_gguf@iphone15pro",
                   "parity_gguf@android_flagship", "export_onnx@android_budget", "export_onnx@jetson_orin",
-                  "parity_onnx@android_flagship", "parity_onnx@jetson_orin"):
+                  "parity_onnx@android_flagship", "parity_onnx@jetson_orin", "publish"):
         assert f"'{stage}'" in out, f"stage {stage} did not run:\n{out[-2000:]}"
     assert "pretrain_base" not in out.split("Running stage")[-1]  # frozen: never rebuilt
 
@@ -80,6 +80,12 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     assert all(v["method"] == "pixel input" for v in onnx_parity["preprocessing"].values())
     assert (workspace / "artifacts" / "export" / "android_budget" / "onnx" / "text.ort").is_file()
     assert not (workspace / "metrics" / "parity" / "iphone15pro-onnx.json").exists()  # the tier lists no onnx
+    published = json.loads((workspace / "metrics" / "publish.json").read_text())
+    assert set(published["releases"]) == {"iphone15pro", "android_flagship", "android_budget", "jetson_orin"}
+    release = published["releases"]["jetson_orin"]
+    assert release["formats"] == ["gguf", "onnx"] and release["uri"].startswith("file://artifacts/releases/jetson_orin/")
+    verified = _run([sys.executable, "-m", "vlm_factory.cli", "verify", release["uri"]], workspace)
+    assert "every file matches" in verified
 
     again = _run(["dvc", "repro"], workspace)
     assert "Running stage" not in again

@@ -58,6 +58,19 @@ def _ask(args: argparse.Namespace) -> None:
     print(answer_questions(model, processor, [image], [args.question])[0])
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from vlm_factory.publish.release import check_release
+    from vlm_factory.publish.run import split_release_uri
+    from vlm_factory.publish.store import open_store
+
+    store_uri, prefix = split_release_uri(args.release)
+    problems = check_release(open_store(store_uri, args.endpoint_url, args.region), prefix)
+    if problems:
+        print(f"{args.release}: FAILED", *(f"  {p}" for p in problems), sep="\n", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{args.release}: every file matches manifest.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-factory", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--model", default="artifacts/finetuned")
     ask.set_defaults(func=_ask)
+
+    verify = sub.add_parser("verify", help="re-hash a published release against its manifest (exit 1 if not)")
+    verify.add_argument("release", help="<store uri>/<tier>/<version>, e.g. file://artifacts/releases/jetson_orin/c1a2...")
+    verify.add_argument("--endpoint-url", default=None, help="S3 API endpoint (credentials: the AWS chain)")
+    verify.add_argument("--region", default=None)
+    verify.set_defaults(func=_verify)
     return parser
 
 

@@ -118,6 +118,11 @@ class ExportConfig:
 @dataclass
 class PublishConfig:
     uri: str = "file://artifacts/releases"
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    # None: each release is named by its content; set it to pin a version (then refused if it exists differently).
+    version: Optional[str] = None
+    multipart_threshold_mb: int = 64
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""The publish stage's work: check every gate, then release each tier's bundle to the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from vlm_factory.config import Params
+from vlm_factory.export.targets import BUILT_FORMATS
+from vlm_factory.publish.bundle import CARD, build_manifest, collect, content_version
+from vlm_factory.publish.card import model_card
+from vlm_factory.publish.gates import parity_verdicts, require_all_passed
+from vlm_factory.publish.release import publish_bundle, release_prefix
+from vlm_factory.publish.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def store_from_params(params: Params) -> Store:
+    cfg = params.publish
+    return open_store(cfg.uri, cfg.endpoint_url, cfg.region, cfg.multipart_threshold_mb)
+
+
+def publish_tiers(params: Params, *, export_root: Path, parity_dir: Path, budget_dir: Path, model_dir: Path,
+                  data_dir: Path, params_path: Path, repo: Path, store: Store | None = None) -> dict:
+    """Refuse (GateFailed) unless every built target passed; then publish one release per tier. Returns a record."""
+    built = {fmt: by_tier for fmt, by_tier in params.targets.items() if fmt in BUILT_FORMATS}
+    not_built = sorted(f"{tier}-{fmt}" for fmt, by_tier in params.targets.items() if fmt not in BUILT_FORMATS
+                       for tier in by_tier)
+    if not_built:
+        log.warning("not built yet, so not published: %s (no exporter for these formats)", ", ".join(not_built))
+    require_all_passed(parity_verdicts(built, parity_dir))
+    store = store or store_from_params(params)
+    record = {"not_built": not_built, "releases": {}}
+    for tier, tier_cfg in params.tiers.items():
+        formats = sorted(fmt for fmt, by_tier in built.items() if tier in by_tier)
+        if not formats:
+            continue
+        bundle = collect(tier, formats, export_root, parity_dir, budget_dir / f"{tier}.json")
+        entries = bundle.entries()
+        version = params.publish.version or content_version(entries)
+        manifest = build_manifest(bundle, version=version, entries=entries, model_name=params.model.name,
+                                  model_dir=model_dir,
+                                  data_dir=data_dir, params_path=params_path, repo=repo)
+        bundle.generated[CARD] = model_card(manifest, tier_cfg.description).encode()
+        manifest["files"] = bundle.entries()
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+        outcome = publish_bundle(store, bundle, manifest_bytes)
+        prefix = release_prefix(tier, version)
+        record["releases"][tier] = {"uri": f"{store.uri}/{prefix}", "version": version, "formats": formats,
+                        "files": len(manifest["files"]) + 1, "verified": True,
+                        "bytes": sum(e["size"] for e in manifest["files"].values())}
+        log.info("%s: %s %s", tier, outcome, record["releases"][tier]["uri"])  # outcome: logged, not recorded
+    return record
+
+
+def split_release_uri(uri: str) -> tuple[str, str]:
+    """`<store uri>/<tier>/<version>` -> (store uri, "<tier>/<version>")."""
+    head, tier, version = uri.rstrip("/").rsplit("/", 2)
+    return head, f"{tier}/{version}"
+
