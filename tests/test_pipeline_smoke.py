@@ -22,6 +22,8 @@ TINY = [
     "eval.max_drop.gguf.Q4_K_M=100.0", "eval.max_drop.gguf.Q5_K_M=100.0", "eval.max_drop.gguf.Q8_0=100.0",
     "eval.min_embedding_cosine.gguf=0.0",
     "eval.max_drop.onnx.int8=100.0", "eval.max_drop.onnx.fp16=100.0", "eval.min_embedding_cosine.onnx=0.0",
+    "eval.max_drop.coreml.4=100.0", "eval.min_embedding_cosine.coreml=0.0",
+    "eval.max_drop.tflite.fp16=100.0", "eval.min_embedding_cosine.tflite=0.0",
     "export.calibration_images=4",
 ]
 
@@ -56,7 +58,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     for stage in ("download", "finetune", "reference_eval", "budget@iphone15pro", "budget@jetson_orin",
                   "export_gguf@android_budget", "export_gguf@jetson_orin", "parity_gguf@iphone15pro",
                   "parity_gguf@android_flagship", "export_onnx@android_budget", "export_onnx@jetson_orin",
-                  "parity_onnx@android_flagship", "parity_onnx@jetson_orin", "publish"):
+                  "parity_onnx@android_flagship", "parity_onnx@jetson_orin", "export_coreml@iphone15pro",
+                  "parity_coreml@iphone15pro", "export_tflite@android_flagship", "parity_tflite@android_flagship",
+                  "publish"):
         assert f"'{stage}'" in out, f"stage {stage} did not run:\n{out[-2000:]}"
     assert "pretrain_base" not in out.split("Running stage")[-1]  # frozen: never rebuilt
 
@@ -84,6 +88,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     assert set(published["releases"]) == {"iphone15pro", "android_flagship", "android_budget", "jetson_orin"}
     release = published["releases"]["jetson_orin"]
     assert release["formats"] == ["gguf", "onnx"] and release["uri"].startswith("file://artifacts/releases/jetson_orin/")
+    assert published["not_built"] == []
+    assert published["releases"]["iphone15pro"]["formats"] == ["coreml", "gguf"]
     verified = _run([sys.executable, "-m", "vlm_factory.cli", "verify", release["uri"]], workspace)
     assert "every file matches" in verified
 

@@ -9,7 +9,7 @@ from vlm_factory.errors import UserError
 
 # Formats the factory builds today (each has an export and a parity stage in dvc.yaml). Targets of
 # other formats in conf/tier/ are planned work: publishing reports them as not built.
-BUILT_FORMATS = ("gguf", "onnx")
+BUILT_FORMATS = ("gguf", "onnx", "coreml", "tflite")
 
 
 def export_target(fmt: str, *, model_dir: Path, out_dir: Path, tier: str, settings: dict, data_dir: Path,
@@ -23,6 +23,14 @@ def export_target(fmt: str, *, model_dir: Path, out_dir: Path, tier: str, settin
         from vlm_factory.export.onnx_export import export_onnx, report_summary
 
         report = export_onnx(model_dir, out_dir, tier, settings, data_dir, export_cfg.calibration_images)
+    elif fmt == "coreml":
+        from vlm_factory.export.coreml_export import export_coreml, report_summary
+
+        report = export_coreml(model_dir, out_dir, tier, settings, data_dir)
+    elif fmt == "tflite":
+        from vlm_factory.export.tflite_export import export_tflite, report_summary
+
+        report = export_tflite(model_dir, out_dir, tier, settings, data_dir)
     else:
         raise UserError(f"format {fmt!r} has no exporter yet (targets.{fmt}.{tier})")
     return report, report_summary(report)

@@ -23,4 +23,12 @@ def open_runtime(fmt: str, artifact_dir: Path, *, context_tokens: int, kv_cache:
         from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 
         return OnnxRuntime(artifact_dir)
+    if fmt == "coreml":
+        from vlm_factory.runtime.coreml_runtime import CoreMLRuntime
+
+        return CoreMLRuntime(artifact_dir)
+    if fmt == "tflite":
+        from vlm_factory.runtime.tflite_runtime import TFLiteRuntime
+
+        return TFLiteRuntime(artifact_dir)
     raise UserError(f"format {fmt!r} has no runtime adapter yet")
