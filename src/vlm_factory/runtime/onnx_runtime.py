@@ -67,6 +67,41 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
 
+def config_pixel_values(config: dict, image: Image.Image, config_path: Path) -> np.ndarray:
+    """[1, 3, H, W] float32, preprocessed as an export's config (genai_config.json style) describes."""
+    vision = config["model"]["vision"]
+    pixels = preprocess(image, vision["preprocessing"])[None]
+    if list(pixels.shape[2:]) != vision["image_size"]:
+        raise UserError(f"{config_path}: preprocessing makes {pixels.shape[2:]} images, "
+                        f"the vision model takes {vision['image_size']}")
+    return pixels
+
+
+def prompt_token_ids(config: dict, tokenizer, question: str) -> list[int]:
+    """The reference prompt from the config's template, one image token per visual token, tokenized."""
+    prompt = config["prompt"]
+    text = prompt["template"].replace("{question}", question.strip())
+    text = text.replace(prompt["image_token"], prompt["image_token"] * prompt["image_token_repeat"])
+    return tokenizer(text).input_ids
+
+
+def greedy_tokens(logits: np.ndarray, step, eos: set[int]) -> list[int]:
+    """Greedy answer tokens from the prompt's last logits; `step(token)` returns the next logits.
+
+    Stops at EOS or after MAX_ANSWER_TOKENS, like the reference, without running the decoder once more.
+    """
+    tokens: list[int] = []
+    for _ in range(MAX_ANSWER_TOKENS):
+        token = int(np.argmax(logits))
+        if token in eos:
+            break
+        tokens.append(token)
+        if len(tokens) == MAX_ANSWER_TOKENS:
+            break
+        logits = step(token)
+    return tokens
+
+
 def _session_options(intra_op_threads: int | None):
     import onnxruntime as ort
 
@@ -134,18 +169,10 @@ class OnnxRuntime:
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """[1, 3, H, W] float32, preprocessed as the artifact's config describes."""
-        vision = self.config["model"]["vision"]
-        pixels = preprocess(image, vision["preprocessing"])[None]
-        if list(pixels.shape[2:]) != vision["image_size"]:
-            raise UserError(f"{self.artifact_dir / GENAI_CONFIG}: preprocessing makes {pixels.shape[2:]} images, "
-                            f"the vision graph takes {vision['image_size']}")
-        return pixels
+        return config_pixel_values(self.config, image, self.artifact_dir / GENAI_CONFIG)
 
     def _prompt_ids(self, question: str) -> np.ndarray:
-        prompt = self.config["prompt"]
-        text = prompt["template"].replace("{question}", question.strip())
-        text = text.replace(prompt["image_token"], prompt["image_token"] * prompt["image_token_repeat"])
-        return np.asarray([self.tokenizer(text).input_ids], dtype=np.int64)
+        return np.asarray([prompt_token_ids(self.config, self.tokenizer, question)], dtype=np.int64)
 
     def _embed(self, input_ids: np.ndarray) -> np.ndarray:
         io = self.config["model"]["embedding"]
@@ -195,16 +222,15 @@ class OnnxRuntime:
         answers = []
         for image, question in zip(images, questions, strict=True):
             logits, past, length = self._prefill(image, question)
-            tokens: list[int] = []
-            for _ in range(MAX_ANSWER_TOKENS):
-                token = int(np.argmax(logits))
-                if token in self._eos:
-                    break
-                tokens.append(token)
-                if len(tokens) == MAX_ANSWER_TOKENS:
-                    break  # the reference stops here too; no need to run the decoder once more
-                logits, past = self._decode(self._embed(np.asarray([[token]], dtype=np.int64)), past, length)
-                length += 1
+            state = {"past": past, "length": length}
+
+            def step(token: int) -> np.ndarray:
+                logits, state["past"] = self._decode(self._embed(np.asarray([[token]], dtype=np.int64)),
+                                                     state["past"], state["length"])
+                state["length"] += 1
+                return logits
+
+            tokens = greedy_tokens(logits, step, self._eos)
             answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress is not None:
                 progress.update(1)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from vlm_factory.errors import UserError
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-from vlm_factory.runtime.onnx_runtime import preprocess
+from vlm_factory.runtime.onnx_runtime import config_pixel_values, greedy_tokens, prompt_token_ids
 
 TFLITE_CONFIG = "tflite_config.json"  # the exporter's name for it; runtimes never import exporters
 
@@ -80,18 +80,10 @@ class TFLiteRuntime:
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """[1, 3, H, W] float32, preprocessed as the artifact's config describes."""
-        vision = self.config["model"]["vision"]
-        pixels = preprocess(image, vision["preprocessing"])[None]
-        if list(pixels.shape[2:]) != vision["image_size"]:
-            raise UserError(f"{self.artifact_dir / TFLITE_CONFIG}: preprocessing makes {pixels.shape[2:]} images, "
-                            f"the vision model takes {vision['image_size']}")
-        return pixels
+        return config_pixel_values(self.config, image, self.artifact_dir / TFLITE_CONFIG)
 
     def _prompt_ids(self, question: str) -> np.ndarray:
-        prompt = self.config["prompt"]
-        text = prompt["template"].replace("{question}", question.strip())
-        text = text.replace(prompt["image_token"], prompt["image_token"] * prompt["image_token_repeat"])
-        return np.asarray(self.tokenizer(text).input_ids, dtype=np.int64)
+        return np.asarray(prompt_token_ids(self.config, self.tokenizer, question), dtype=np.int64)
 
     def _prefill(self, image: Image.Image, question: str):
         ids = self._prompt_ids(question)
@@ -143,16 +135,14 @@ class TFLiteRuntime:
         answers = []
         for image, question in zip(images, questions, strict=True):
             logits, cache, length = self._prefill(image, question)
-            tokens: list[int] = []
-            for _ in range(MAX_ANSWER_TOKENS):
-                token = int(np.argmax(logits))
-                if token in self._eos:
-                    break
-                tokens.append(token)
-                if len(tokens) == MAX_ANSWER_TOKENS:
-                    break  # the reference stops here too
-                logits, cache = self._decode(token, cache, length)
-                length += 1
+            state = {"cache": cache, "length": length}
+
+            def step(token: int) -> np.ndarray:
+                logits, state["cache"] = self._decode(token, state["cache"], state["length"])
+                state["length"] += 1
+                return logits
+
+            tokens = greedy_tokens(logits, step, self._eos)
             answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress is not None:
                 progress.update(1)
