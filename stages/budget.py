@@ -3,11 +3,10 @@
 import argparse
 from pathlib import Path
 
-from transformers import LlavaConfig
-
 from vlm_factory.budget import tier_budget
 from vlm_factory.config import load_params
 from vlm_factory.errors import UserError, exits_cleanly
+from vlm_factory.families import family_of
 from vlm_factory.io import write_json
 from vlm_factory.logs import setup_logging
 
@@ -24,8 +23,7 @@ def main(argv=None) -> None:
     tiers = load_params(args.params).tiers
     if args.tier not in tiers:
         raise UserError(f"{args.params}: no tier '{args.tier}' under 'tiers'; known: {', '.join(tiers)}")
-    config = LlavaConfig.from_pretrained(args.model)
-    write_json(tier_budget(config, args.tier, tiers[args.tier]), args.out)
+    write_json(tier_budget(family_of(args.model), args.tier, tiers[args.tier]), args.out)
 
 
 if __name__ == "__main__":

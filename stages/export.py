@@ -25,7 +25,8 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     settings = target_settings(params, args.format, args.tier, args.params)
     _, summary = export_target(args.format, model_dir=args.model, out_dir=args.out, tier=args.tier,
-                               settings=settings, data_dir=args.data, export_cfg=params.export)
+                               settings=settings, data_dir=args.data, export_cfg=params.export,
+                               context_tokens=params.tiers[args.tier].context_tokens)
     write_json(summary, args.summary)
 
 

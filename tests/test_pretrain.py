@@ -12,6 +12,7 @@ from vlm_factory.train.pretrain import (
     patch_labels,
     relevance,
 )
+from vlm_factory.model.prompt import tiny_prompt_spec
 from vlm_factory.train.batches import IGNORE_INDEX, encode_qa
 
 
@@ -47,7 +48,7 @@ def test_relevance_and_answer_targets_mark_the_subject(random_llava):
     rel = relevance(cells, qa)
     subject = qa.subjects[0]
     assert [i for i, r in enumerate(rel) if r] == [cells.index((subject.row, subject.col))]
-    encoded = encode_qa(processor.tokenizer, qa.question, qa.answer, 16)
+    encoded = encode_qa(processor.tokenizer, tiny_prompt_spec(16), qa.question, qa.answer)
     targets = answer_targets(rel, qa, encoded)
     first_answer_token = encoded.labels[len(encoded.labels) - len([t for t in encoded.labels if t != IGNORE_INDEX])]
     assert [t for t in targets if t != IGNORE_INDEX] == [first_answer_token]

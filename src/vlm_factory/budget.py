@@ -1,7 +1,7 @@
-"""Device memory budget of one LLaVA model per tier and export format, computed from the config alone.
+"""Device memory budget of one model per tier and export format, computed from its config alone.
 
-Parameter counts are exact for SigLIP/CLIP vision towers, the LLaVA MLP projector and
-Llama/Mistral/Qwen2 decoders. Weight sizes are estimates: every parameter is charged the
+Parameter counts and visual tokens per image come from the model family (families/), exact for
+every part it supports. Weight sizes are estimates: every parameter is charged the
 bits per weight of the type chosen for its part of the model (see the tables below).
 """
 
@@ -15,7 +15,7 @@ from vlm_factory.config import FORMATS, TierConfig
 from vlm_factory.errors import UserError
 
 if TYPE_CHECKING:
-    from transformers import LlavaConfig
+    from vlm_factory.families import ModelFamily
 
 # Estimated bits per weight of llama.cpp GGUF types, block scales included. The K-quant "_M"
 # mixes keep some tensors at a higher type, so their average is an estimate for a Llama-like
@@ -38,93 +38,26 @@ KV_DTYPE_BYTES: dict[str, Fraction] = {
 }
 # Question and answer text kept free next to the images in the context.
 TEXT_TOKENS_RESERVED = 64
-_CLS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
-_TEXT_TYPES = ("llama", "mistral", "qwen2")
 
 
 def _known(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def _vision_tokens(config: "LlavaConfig") -> int:
-    vision = config.vision_config
-    if vision.model_type not in _CLS_TOKENS:
-        raise UserError(f"model config: vision tower type {vision.model_type!r} is not supported by the "
-                        f"budget; known: {_known(_CLS_TOKENS)}")
-    tokens = (vision.image_size // vision.patch_size) ** 2 + _CLS_TOKENS[vision.model_type]
-    if config.vision_feature_select_strategy == "default":
-        tokens -= 1  # LLaVA drops the first (CLS) position
-    if tokens != config.image_seq_length:
-        raise UserError(f"model config: image_seq_length is {config.image_seq_length} but the vision tower "
-                        f"yields {tokens} tokens per image; fix image_seq_length in config.json")
-    return tokens
-
-
-def _vision_params(vision) -> int:
-    h, inter, layers = vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers
-    patches = (vision.image_size // vision.patch_size) ** 2
-    attention = 4 * (h * h + h)
-    mlp = h * inter + inter + inter * h + h
-    layer = attention + 2 * 2 * h + mlp
-    conv = vision.num_channels * vision.patch_size ** 2 * h
-    if vision.model_type == "clip_vision_model":
-        # class embedding, one extra position, bias-free patch conv, pre and post layernorm
-        return h + conv + (patches + 1) * h + 2 * h + layers * layer + 2 * h
-    total = conv + h + patches * h + layers * layer + 2 * h
-    if getattr(vision, "vision_use_head", False):
-        total += h + attention + 2 * h + mlp  # attention-pooling head: probe, MHA, layernorm, mlp
-    return total
-
-
-def _projector_params(config: "LlavaConfig") -> int:
-    layers = config.vision_feature_layer
-    n_layers = 1 if isinstance(layers, int) else len(layers)
-    d_in, d_out = config.vision_config.hidden_size * n_layers, config.text_config.hidden_size
-    bias = d_out if config.multimodal_projector_bias else 0
-    return d_in * d_out + bias + d_out * d_out + bias
-
-
-def _head_dim(text) -> int:
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-
-
-def _llm_params(config: "LlavaConfig") -> dict[str, int]:
-    text = config.text_config
-    if text.model_type not in _TEXT_TYPES:
-        raise UserError(f"model config: text model type {text.model_type!r} is not supported by the budget; "
-                        f"known: {_known(_TEXT_TYPES)}")
-    h, inter, hd = text.hidden_size, text.intermediate_size, _head_dim(text)
-    q, kv = text.num_attention_heads * hd, text.num_key_value_heads * hd
-    if text.model_type == "qwen2":
-        qkv_bias, o_bias, mlp_bias = True, False, False
-    else:
-        qkv_bias = o_bias = bool(getattr(text, "attention_bias", False))
-        mlp_bias = bool(getattr(text, "mlp_bias", False))
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if qkv_bias else 0) + (h if o_bias else 0)
-    mlp = 3 * h * inter + ((2 * inter + h) if mlp_bias else 0)
-    layer = attention + mlp + 2 * h
-    embeddings = text.vocab_size * h
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    return {"embeddings": embeddings, "lm_head": 0 if tied else embeddings,
-            "rest": text.num_hidden_layers * layer + h}
-
-
-def param_counts(config: "LlavaConfig") -> dict[str, int]:
-    """Exact parameter counts of a LLaVA model, by part, from its config alone."""
-    llm = _llm_params(config)
-    counts = {"vision_tower": _vision_params(config.vision_config), "projector": _projector_params(config),
-              "llm_embeddings": llm["embeddings"], "llm_lm_head": llm["lm_head"], "llm_rest": llm["rest"]}
+def param_counts(family: "ModelFamily") -> dict[str, int]:
+    """Exact parameter counts of the model, by part, from its config alone (the family counts)."""
+    counts = dict(family.param_counts())
     counts["total"] = sum(counts.values())
     return counts
 
 
-def kv_cache_bytes_per_token(config: "LlavaConfig", kv_cache_dtype: str, tier_name: str = "?") -> Fraction:
+def kv_cache_bytes_per_token(family: "ModelFamily", kv_cache_dtype: str, tier_name: str = "?") -> Fraction:
     """K and V bytes one token adds to the cache across all decoder layers."""
     if kv_cache_dtype not in KV_DTYPE_BYTES:
         raise UserError(f"key 'tiers.{tier_name}.kv_cache_dtype' is {kv_cache_dtype!r}; "
                         f"known: {_known(KV_DTYPE_BYTES)}")
-    text = config.text_config
-    elements = 2 * text.num_hidden_layers * text.num_key_value_heads * _head_dim(text)
+    text = family.text
+    elements = 2 * text.num_layers * text.num_kv_heads * text.head_dim
     return elements * KV_DTYPE_BYTES[kv_cache_dtype]
 
 
@@ -180,16 +113,16 @@ def _jsonable(value: Fraction) -> int | float:
     return int(value) if value.denominator == 1 else float(value)
 
 
-def tier_budget(config: "LlavaConfig", tier_name: str, tier: TierConfig) -> dict:
-    """Memory budget of `config` on one tier: weights and KV cache per export format the tier lists.
+def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig) -> dict:
+    """Memory budget of the family's model on one tier: weights and KV cache per export format the tier lists.
 
     Raises UserError for an unknown quant type, precision or KV-cache dtype, naming the tier key.
     """
-    counts = param_counts(config)
-    image_tokens = _vision_tokens(config)
-    kv_per_token = kv_cache_bytes_per_token(config, tier.kv_cache_dtype, tier_name)
+    counts = param_counts(family)
+    image_tokens = family.image_tokens
+    kv_per_token = kv_cache_bytes_per_token(family, tier.kv_cache_dtype, tier_name)
     budget_bytes = tier.memory_budget_mb * 2**20
-    max_positions = config.text_config.max_position_embeddings
+    max_positions = family.text.max_positions
     # A tier's context cannot exceed what the model was built for: budget the usable context.
     context = min(tier.context_tokens, max_positions)
     formats = {}
@@ -200,6 +133,8 @@ def tier_budget(config: "LlavaConfig", tier_name: str, tier: TierConfig) -> dict
     return {
         "tier": tier_name,
         "description": tier.description,
+        "model_family": family.name,
+        "model_variant": family.variant,
         "memory_budget_mb": tier.memory_budget_mb,
         "context_tokens": tier.context_tokens,
         "effective_context_tokens": context,

@@ -29,10 +29,9 @@ def _compose(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace) -> None:
-    from transformers import LlavaConfig
-
     from vlm_factory.budget import format_budget_table, tier_budget
     from vlm_factory.config import load_params
+    from vlm_factory.families import family_of
 
     tiers = load_params(args.params).tiers
     names = list(tiers) if args.tier == "all" else [args.tier]
@@ -42,10 +41,32 @@ def _budget(args: argparse.Namespace) -> None:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no config.json; pass --model DIR or run `dvc repro download`")
-    config = LlavaConfig.from_pretrained(model_dir)
+    family = family_of(model_dir)
     for name in names:
-        print(format_budget_table(tier_budget(config, name, tiers[name])))
+        print(format_budget_table(tier_budget(family, name, tiers[name])))
         print()
+
+
+MATRIX_START, MATRIX_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+
+
+def _families(args: argparse.Namespace) -> None:
+    from vlm_factory.families.registry import support_matrix_markdown
+    from vlm_factory.io import atomic_path
+
+    matrix = support_matrix_markdown()
+    if args.update is None:
+        print(matrix, end="")
+        return
+    readme = Path(args.update)
+    text = readme.read_text(encoding="utf-8")
+    if MATRIX_START not in text or MATRIX_END not in text:
+        raise UserError(f"{readme}: no {MATRIX_START} ... {MATRIX_END} section to update")
+    head, rest = text.split(MATRIX_START, 1)
+    tail = rest.split(MATRIX_END, 1)[1]
+    with atomic_path(readme) as tmp:
+        tmp.write_text(f"{head}{MATRIX_START}\n{matrix}{MATRIX_END}{tail}", encoding="utf-8")
+    print(f"updated the support matrix in {readme}")
 
 
 def _ask(args: argparse.Namespace) -> None:
@@ -87,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--model", default="artifacts/finetuned", help="model directory (config.json)")
     budget.add_argument("--params", default="params.yaml")
     budget.set_defaults(func=_budget)
+
+    families = sub.add_parser("families", help="the model families and which formats each can be exported to")
+    families.add_argument("--update", metavar="README", default=None,
+                          help="rewrite the support-matrix section of this markdown file instead of printing")
+    families.set_defaults(func=_families)
 
     ask = sub.add_parser("ask", help="ask a model (HF directory) a question about an image")
     ask.add_argument("image")

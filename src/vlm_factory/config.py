@@ -79,6 +79,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # Where the connector starts: reinit (a new one, the bundled bases) | continue (the checkpoint's own)
+    # | frozen (no training: evaluate and export the model as downloaded).
+    projector: str = "reinit"
     llm: str = "frozen"
     seed: int = 0
     steps: int = 600
@@ -142,6 +145,7 @@ _CHOICES = {
     "model.source": ("local", "hub"),
     "data.source": ("synthetic", "hub", "local"),
     "train.llm": ("frozen", "lora", "full"),
+    "train.projector": ("reinit", "continue", "frozen"),
 }
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 

@@ -1,4 +1,4 @@
-"""Greedy answers from the PyTorch LLaVA model: the reference every artifact is compared with."""
+"""Greedy answers from the PyTorch model: the reference every artifact is compared with."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, expand_image_tokens, user_prompt
+from vlm_factory.families import family_for
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 
 
 @torch.inference_mode()
-def answer_questions(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
-                     images: Sequence[Image.Image], questions: Sequence[str], batch_size: int = 64,
+def answer_questions(model, processor, images: Sequence[Image.Image], questions: Sequence[str], batch_size: int = 64,
                      image_processor=None, progress: str | None = None) -> list[str]:
     """Greedy answers, one per (image, question).
 
-    Prompts are batched by token length, so no batch needs padding: batched generation with
-    padding and LLaVA's image-token merge is where reference implementations quietly differ.
+    Prompts (the model's own chat layout, see families/) are batched by token length, so no batch
+    needs padding: batched generation with padding and the image-token merge is where reference implementations quietly differ.
     `image_processor` replaces the model's own preprocessing (used to measure a centre crop).
     """
     if len(images) != len(questions):
@@ -28,9 +27,8 @@ def answer_questions(model: LlavaForConditionalGeneration, processor: LlavaProce
     model.eval()
     tokenizer = processor.tokenizer
     image_processor = image_processor or processor.image_processor
-    encoded = tokenizer(
-        [expand_image_tokens(user_prompt(q), model.config.image_seq_length) for q in questions]
-    ).input_ids
+    prompt = family_for(model.config).prompt(processor)
+    encoded = tokenizer([prompt.expanded(q) for q in questions], add_special_tokens=prompt.add_special_tokens).input_ids
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, ids in enumerate(encoded):
         by_length[len(ids)].append(index)

@@ -14,8 +14,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import VQARecord
 from vlm_factory.eval.generate import answer_questions
@@ -53,7 +51,7 @@ def score(records: list[VQARecord], predictions: list[str]) -> tuple[list[float]
     return scores, accuracy_report(scores, [r.question_type for r in records], [r.aspect for r in records])
 
 
-def evaluate_reference(model: LlavaForConditionalGeneration, processor: LlavaProcessor, records: list[VQARecord],
+def evaluate_reference(model, processor, records: list[VQARecord],
                        data_dir: Path, train_records: list[VQARecord], batch_size: int = 64,
                        ) -> tuple[dict, list[dict]]:
     """Metrics (reference, blind, centre crop) and per-question predictions for later parity checks."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vlm_factory.config import ExportConfig
 from vlm_factory.errors import UserError
+from vlm_factory.families import family_of
 
 # Formats the factory builds today (each has an export and a parity stage in dvc.yaml). Targets of
 # other formats in conf/tier/ are planned work: publishing reports them as not built.
@@ -13,8 +14,13 @@ BUILT_FORMATS = ("gguf", "onnx", "coreml", "tflite")
 
 
 def export_target(fmt: str, *, model_dir: Path, out_dir: Path, tier: str, settings: dict, data_dir: Path,
-                  export_cfg: ExportConfig) -> tuple[dict, dict]:
-    """Export one target into `out_dir`; return (full report, its small summary for metrics/)."""
+                  export_cfg: ExportConfig, context_tokens: int) -> tuple[dict, dict]:
+    """Export one target into `out_dir`; return (full report, its small summary for metrics/).
+
+    The model family is asked first: an unsupported (family, format) pair stops here, in one line.
+    `context_tokens` is the tier's context; formats with a fixed-size KV cache size it from this
+    (bounded by the model's own maximum)."""
+    family_of(model_dir).require_format(fmt)
     if fmt == "gguf":
         from vlm_factory.export.gguf_export import export_gguf, report_summary
 
@@ -26,11 +32,11 @@ def export_target(fmt: str, *, model_dir: Path, out_dir: Path, tier: str, settin
     elif fmt == "coreml":
         from vlm_factory.export.coreml_export import export_coreml, report_summary
 
-        report = export_coreml(model_dir, out_dir, tier, settings, data_dir)
+        report = export_coreml(model_dir, out_dir, tier, settings, data_dir, context_tokens=context_tokens)
     elif fmt == "tflite":
         from vlm_factory.export.tflite_export import export_tflite, report_summary
 
-        report = export_tflite(model_dir, out_dir, tier, settings, data_dir)
+        report = export_tflite(model_dir, out_dir, tier, settings, data_dir, context_tokens=context_tokens)
     else:
         raise UserError(f"format {fmt!r} has no exporter yet (targets.{fmt}.{tier})")
     return report, report_summary(report)

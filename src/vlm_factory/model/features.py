@@ -1,40 +1,26 @@
-"""The LLaVA forward split at the seams that training needs.
+"""The VLM forward split at the seams training needs, for any registered family.
 
 `tower_features` is the frozen, cacheable part; `project` is what projector fine-tuning trains;
 `merge_image_features` puts projected features where the prompt has image tokens. Together they
-compute exactly what `LlavaForConditionalGeneration.forward(pixel_values=...)` computes.
+compute exactly what the family's `forward(pixel_values=...)` computes. Each asks the family.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LlavaForConditionalGeneration
+
+from vlm_factory.families import family_for
 
 
-def tower_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Vision tower hidden states at the configured feature layer, as LLaVA selects them."""
-    config = model.config
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    selected = out.hidden_states[config.vision_feature_layer]
-    if config.vision_feature_select_strategy == "default":
-        selected = selected[:, 1:]
-    return selected
+def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision tower hidden states at the configured feature layer, as the connector reads them."""
+    return family_for(model.config).tower_features(model, pixel_values)
 
 
-def project(model: LlavaForConditionalGeneration, features: torch.Tensor) -> torch.Tensor:
-    return model.model.multi_modal_projector(features)
+def project(model, features: torch.Tensor) -> torch.Tensor:
+    return family_for(model.config).project(model, features)
 
 
-def merge_image_features(model: LlavaForConditionalGeneration, input_ids: torch.Tensor,
-                         image_embeds: torch.Tensor) -> torch.Tensor:
-    """Token embeddings with each image-token position replaced by one projected image feature.
-
-    `image_embeds` holds one [tokens, hidden] block per sequence, in order.
-    """
-    embeds = model.get_input_embeddings()(input_ids)
-    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    n_slots = int(mask[..., 0].sum())
-    if n_slots != image_embeds.shape[0] * image_embeds.shape[1]:
-        raise ValueError(f"prompt has {n_slots} image tokens but {image_embeds.shape[0]} images of "
-                         f"{image_embeds.shape[1]} features were given")
-    return embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+def merge_image_features(model, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with each image-token position replaced by one projected image feature."""
+    return family_for(model.config).merge_image_features(model, input_ids, image_embeds)

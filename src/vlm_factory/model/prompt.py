@@ -1,11 +1,14 @@
-"""The one prompt template shared by training, evaluation and every runtime adapter.
+"""The bundled tiny bases' prompt template (saved as their chat template) and the answer-length cap.
+
+Hub checkpoints bring their own chat template; every stage and runtime reads the prompt through the
+model family (`family.prompt(processor)`, a PromptSpec rendered from the checkpoint's template), so
+this module matters only where a bundled base is built.
 
 LLaVA-1.5 style turns, question first: `USER: {question}\\n<image> ASSISTANT:`, then the answer
 and `</s>`. With the question before the image, every image token can already see what is asked
 and mark itself relevant, so a tiny LLM only has to gather marked tokens at the answer; with the
 image first it must learn query-key binding from scratch, which a 2-layer model trained on a CPU
-did not within the time budget. Keeping the template in one place is what makes a parity
-comparison between runtimes meaningful.
+did not within the time budget.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ PAD_TOKEN = "<pad>"
 # Greedy answers are short words; every runtime stops here at the latest.
 MAX_ANSWER_TOKENS = 8
 
-# A Jinja chat template that renders the same text, stored with the processor for tools that use one.
+# The Jinja chat template saved with the bundled bases: it renders exactly `user_prompt` (a test checks).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}\n<image>{% endif %}{% endfor %}"
+    # The newline is inside an expression: transformers renders templates with trim_blocks, which drops a
+    # newline written right after a block tag (the prompt would lose the "\n" the model was trained with).
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '\\n<image>' }}{% endif %}{% endfor %}"
     " ASSISTANT:"
     "{% else %} {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
     "{% endfor %}"
@@ -38,6 +43,15 @@ def user_prompt(question: str, with_image: bool = True) -> str:
 def expand_image_tokens(text: str, image_tokens: int) -> str:
     """One `<image>` placeholder per visual token, as LlavaProcessor expands it before tokenizing."""
     return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens)
+
+
+def tiny_prompt_spec(image_tokens: int):
+    """The bundled bases' prompt as a PromptSpec: what their saved chat template renders (a test keeps
+    the two equal), used where the base is being built and has no processor on disk yet."""
+    from vlm_factory.families.base import PromptSpec
+
+    return PromptSpec(template=user_prompt("{question}"), image_token=IMAGE_TOKEN, image_token_repeat=image_tokens,
+                      answer=answer_text("{answer}") + EOS_TOKEN, add_special_tokens=True)
 
 
 def answer_text(answer: str) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from vlm_factory.model.prompt import user_prompt
-
 RUN = {
     "gguf": "llama.cpp: `llama-mtmd-cli -m gguf/{llm} --mmproj gguf/{mmproj} --image photo.png -p "
             "\"<question>\"` (greedy, the prompt template below; the mmproj carries the preprocessing).",
@@ -26,7 +24,7 @@ def _run_hint(fmt: str, manifest: dict) -> str:
     return RUN.get(fmt, "see the format's export_report.json").format(llm=llm, mmproj=mmproj)
 
 
-def model_card(manifest: dict, description: str) -> str:
+def model_card(manifest: dict, description: str, prompt_template: str) -> str:
     tier, parity, budget = manifest["tier"], manifest["parity"], manifest["budget"]
     lines = [
         f"# {manifest['model']['name']} for {tier} ({manifest['version']})",
@@ -50,8 +48,8 @@ def model_card(manifest: dict, description: str) -> str:
         lines.append(f"- **{fmt}** ({_files_line(manifest, fmt)}): {_run_hint(fmt, manifest)}")
     lines += [
         "",
-        f"Prompt template: `{user_prompt('{question}')!r}` followed by the answer; images are letterboxed "
-        "(padded to square with the mean colour), never centre-cropped.",
+        f"Prompt template (the model's own chat template): `{prompt_template!r}`, followed by the answer; "
+        "each format's config carries it and the image preprocessing its runtime must apply.",
         "",
         "## Memory budget",
         "",

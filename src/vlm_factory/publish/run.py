@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlm_factory.config import Params
 from vlm_factory.export.targets import BUILT_FORMATS
+from vlm_factory.families import family_of
 from vlm_factory.publish.bundle import CARD, build_manifest, collect, content_version
 from vlm_factory.publish.card import model_card
 from vlm_factory.publish.gates import parity_verdicts, require_all_passed
@@ -32,6 +33,8 @@ def publish_tiers(params: Params, *, export_root: Path, parity_dir: Path, budget
         log.warning("not built yet, so not published: %s (no exporter for these formats)", ", ".join(not_built))
     require_all_passed(parity_verdicts(built, parity_dir))
     store = store or store_from_params(params)
+    family = family_of(model_dir)
+    prompt_template = family.prompt(family.load_processor(model_dir)).template
     record = {"not_built": not_built, "releases": {}}
     for tier, tier_cfg in params.tiers.items():
         formats = sorted(fmt for fmt, by_tier in built.items() if tier in by_tier)
@@ -43,7 +46,7 @@ def publish_tiers(params: Params, *, export_root: Path, parity_dir: Path, budget
         manifest = build_manifest(bundle, version=version, entries=entries, model_name=params.model.name,
                                   model_dir=model_dir,
                                   data_dir=data_dir, params_path=params_path, repo=repo)
-        bundle.generated[CARD] = model_card(manifest, tier_cfg.description).encode()
+        bundle.generated[CARD] = model_card(manifest, tier_cfg.description, prompt_template).encode()
         manifest["files"] = bundle.entries()
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
         outcome = publish_bundle(store, bundle, manifest_bytes)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vlm_factory.model.prompt import answer_text, expand_image_tokens, user_prompt
+from vlm_factory.families import PromptSpec
 
 IGNORE_INDEX = -100
 
@@ -18,11 +18,11 @@ class EncodedQA:
     labels: list[int]
 
 
-def encode_qa(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, image_tokens: int) -> EncodedQA:
-    """Token ids and labels (-100 on the prompt) for one question about one image."""
-    prompt = expand_image_tokens(user_prompt(question), image_tokens)
-    prompt_ids = tokenizer(prompt).input_ids  # adds BOS
-    answer_ids = tokenizer(answer_text(answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def encode_qa(tokenizer: PreTrainedTokenizerBase, prompt: PromptSpec, question: str, answer: str) -> EncodedQA:
+    """Token ids and labels (-100 on the prompt) for one question about one image, in the model's own
+    chat layout; the answer's labels run up to and including its end-of-turn token."""
+    prompt_ids = tokenizer(prompt.expanded(question), add_special_tokens=prompt.add_special_tokens).input_ids
+    answer_ids = tokenizer(prompt.answer_text(answer), add_special_tokens=False).input_ids
     return EncodedQA(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 

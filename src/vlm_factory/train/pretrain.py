@@ -31,6 +31,7 @@ from vlm_factory.data.scenes import COLOURS, DIGITS, SHAPES, Scene
 from vlm_factory.data.questions import QA
 from vlm_factory.data.synthetic import iter_split
 from vlm_factory.model.features import merge_image_features, project, tower_features
+from vlm_factory.model.prompt import tiny_prompt_spec
 from vlm_factory.train.batches import IGNORE_INDEX, EncodedQA, encode_qa, pad_batch
 from vlm_factory.train.schedule import warmup_cosine
 
@@ -129,6 +130,7 @@ def prepare_data(recipe: PretrainConfig, processor: LlavaProcessor, image_tokens
                  image_size: int, patch_size: int) -> PretrainData:
     images = iter_split(recipe.seed, "pretrain", recipe.n_images, recipe.questions_per_image, recipe.cell_px)
     cache: dict[tuple[str, str], EncodedQA] = {}
+    prompt = tiny_prompt_spec(image_tokens)
     pixels, labels, qas, relevant, answers, chunk = [], [], [], [], [], []
 
     def flush():
@@ -144,7 +146,7 @@ def prepare_data(recipe: PretrainConfig, processor: LlavaProcessor, image_tokens
         for qa in item.qas:
             key = (qa.question, qa.answer)
             if key not in cache:
-                cache[key] = encode_qa(processor.tokenizer, qa.question, qa.answer, image_tokens)
+                cache[key] = encode_qa(processor.tokenizer, prompt, qa.question, qa.answer)
             row.append(cache[key])
             rel_row.append(relevance(cells, qa))
             ans_row.append(answer_targets(rel_row[-1], qa, cache[key]))

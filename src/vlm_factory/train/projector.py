@@ -1,9 +1,14 @@
-"""Projector fine-tuning, the LLaVA alignment recipe.
+"""Projector fine-tuning, the LLaVA alignment recipe, for any registered model family.
 
-The vision tower is frozen, so its features are computed once and cached; a newly initialised
-projector is trained with answer-token cross-entropy; the LLM stays frozen unless `train.llm`
-asks for LoRA adapters (merged back before saving) or full fine-tuning. Accelerate drives the
-loop, so the same code runs on a laptop CPU, one GPU, or under `accelerate launch` / torchrun.
+The vision tower is frozen, so its features are computed once and cached; the connector is trained
+with answer-token cross-entropy in the model's own chat layout; the LLM stays frozen unless
+`train.llm` asks for LoRA adapters (merged back before saving) or full fine-tuning.
+
+`train.projector` says where the connector starts: `reinit` throws the checkpoint's away (the
+bundled bases: a new projector is aligned), `continue` fine-tunes the checkpoint's own trained
+connector on the user's data, `frozen` skips training (the model is evaluated as downloaded).
+Accelerate drives the loop, so the same code runs on a laptop CPU, one GPU, or under
+`accelerate launch` / torchrun.
 """
 
 from __future__ import annotations
@@ -17,20 +22,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlm_factory.config import TrainConfig
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import VQARecord
-from vlm_factory.model.features import merge_image_features, project, tower_features
+from vlm_factory.families import ModelFamily, PromptSpec, family_for
 from vlm_factory.train.batches import EncodedQA, encode_qa, pad_batch
 from vlm_factory.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
-def reinitialise_projector(model: LlavaForConditionalGeneration, seed: int,
-                           features: torch.Tensor | None = None) -> None:
+def reinitialise_projector(model, seed: int, features: torch.Tensor | None = None) -> None:
     """Throw away the base's projector: fresh nn.Linear initialisation, deterministic for a seed.
 
     With `features` (tower outputs), the new output layer is rescaled so that its embeddings have
@@ -38,11 +41,13 @@ def reinitialise_projector(model: LlavaForConditionalGeneration, seed: int,
     scale, and a random projector starts an order of magnitude off, which the answer loss alone
     corrects only slowly. Only that one scalar survives from the old projector.
     """
-    projector = model.model.multi_modal_projector
+    family = family_for(model.config)
+    projector = family.connector(model)
+    output_layer = family.connector_output_layer(model)
     target_norm = None
     if features is not None:
         with torch.no_grad():
-            target_norm = projector(features).norm(dim=-1).mean()
+            target_norm = family.project(model, features).norm(dim=-1).mean()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for module in projector.modules():
@@ -51,38 +56,41 @@ def reinitialise_projector(model: LlavaForConditionalGeneration, seed: int,
     torch.random.set_rng_state(generator_state)
     if target_norm is not None:
         with torch.no_grad():
-            scale = target_norm / projector(features).norm(dim=-1).mean()
-            projector.linear_2.weight.mul_(scale)
-            projector.linear_2.bias.mul_(scale)
+            scale = target_norm / family.project(model, features).norm(dim=-1).mean()
+            output_layer.weight.mul_(scale)
+            if output_layer.bias is not None:
+                output_layer.bias.mul_(scale)
 
 
-def set_trainable(model: LlavaForConditionalGeneration, llm_mode: str, lora_rank: int, lora_alpha: int):
+def set_trainable(model, llm_mode: str, lora_rank: int, lora_alpha: int):
     """Freeze what the recipe freezes; returns the model to train (a PEFT wrapper for LoRA)."""
+    family = family_for(model.config)
     model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
+    family.connector(model).requires_grad_(True)
     if llm_mode == "full":
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
+        parts = family.decoder_parts(model)
+        parts.core.requires_grad_(True)
+        parts.lm_head.requires_grad_(True)
     elif llm_mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
-                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+                          target_modules=family.llm_module_pattern)
         peft_model = get_peft_model(model, lora)
-        model.model.multi_modal_projector.requires_grad_(True)  # PEFT froze everything but the adapters
+        family.connector(model).requires_grad_(True)  # PEFT froze everything but the adapters
         return peft_model
     return model
 
 
 @torch.inference_mode()
-def cache_tower_features(model: LlavaForConditionalGeneration, processor: LlavaProcessor, data_dir: Path,
-                         image_paths: list[str], batch_size: int = 128) -> torch.Tensor:
+def cache_tower_features(family: ModelFamily, model, processor, data_dir: Path, image_paths: list[str],
+                         batch_size: int = 128) -> torch.Tensor:
     """[images, tokens, vision_hidden] features of the frozen tower, in the order of `image_paths`."""
     chunks = []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="cache tower features", unit="batch"):
         images = [load_image(data_dir / p) for p in image_paths[start:start + batch_size]]
         pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values
-        chunks.append(tower_features(model, pixel_values))
+        chunks.append(family.tower_features(model, pixel_values.to(model.dtype)))
     return torch.cat(chunks)
 
 
@@ -103,34 +111,38 @@ class _QADataset(Dataset):
         return self.examples[i]
 
 
-def _examples(records: list[VQARecord], processor: LlavaProcessor, image_index: dict[str, int],
-              image_tokens: int) -> list[_Example]:
+def _examples(records: list[VQARecord], tokenizer, prompt: PromptSpec, image_index: dict[str, int]) -> list[_Example]:
     cache: dict[tuple[str, str], EncodedQA] = {}
     examples = []
     for r in records:
         key = (r.question, r.multiple_choice_answer)
         if key not in cache:
-            cache[key] = encode_qa(processor.tokenizer, r.question, r.multiple_choice_answer, image_tokens)
+            cache[key] = encode_qa(tokenizer, prompt, r.question, r.multiple_choice_answer)
         examples.append(_Example(image_index[r.image], cache[key]))
     return examples
 
 
-def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor, records: list[VQARecord],
-                       data_dir: Path, cfg: TrainConfig, log_metric: Callable[[int, float], None] | None = None,
-                       ) -> tuple[LlavaForConditionalGeneration, list[float]]:
-    """Align a new projector on `records`; returns the trained model (LoRA merged) and the loss curve."""
+def finetune_projector(model, processor, records: list[VQARecord], data_dir: Path, cfg: TrainConfig,
+                       log_metric: Callable[[int, float], None] | None = None) -> tuple[object, list[float]]:
+    """Align the connector on `records` (see train.projector); returns the model (LoRA merged) and the loss curve."""
     from accelerate import Accelerator
 
+    if cfg.projector == "frozen":
+        log.info("train.projector=frozen: the model is kept as downloaded, nothing is trained")
+        model.requires_grad_(False)
+        return model.eval(), []
+    family = family_for(model.config)
     started = time.perf_counter()
     torch.set_flush_denormal(True)  # denormal gradients slow CPU training several-fold
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     model.eval()
     image_paths = sorted({r.image for r in records})
-    features = cache_tower_features(model, processor, data_dir, image_paths)
-    reinitialise_projector(model, cfg.seed, features[:256])
+    features = cache_tower_features(family, model, processor, data_dir, image_paths)
+    if cfg.projector == "reinit":
+        reinitialise_projector(model, cfg.seed, features[:256])
     image_index = {p: i for i, p in enumerate(image_paths)}
-    examples = _examples(records, processor, image_index, model.config.image_seq_length)
+    examples = _examples(records, processor.tokenizer, family.prompt(processor), image_index)
     pad_id = processor.tokenizer.pad_token_id
 
     def collate(batch: list[_Example]) -> dict[str, torch.Tensor]:
@@ -146,7 +158,7 @@ def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     trainable, optimizer, loader, scheduler = accelerator.prepare(trainable, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(trainable)
-    llava = core.get_base_model() if hasattr(core, "get_base_model") else core
+    base = core.get_base_model() if hasattr(core, "get_base_model") else core
     features = features.to(accelerator.device)
 
     losses: list[float] = []
@@ -155,7 +167,8 @@ def finetune_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     while step < cfg.steps:
         for batch in loader:
             trainable.train()
-            embeds = merge_image_features(llava, batch["input_ids"], project(llava, features[batch["image_index"]]))
+            embeds = family.merge_image_features(base, batch["input_ids"],
+                                                 family.project(base, features[batch["image_index"]]))
             loss = trainable(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,156 @@
+"""Shrunk copies of real LLaVA-family checkpoints, random weights, written the way the hub publishes them.
+
+Each builder keeps what makes the real model hard for an exporter (tower kind, feature layer, CLS
+handling, GQA, QKV bias, tied embeddings, widths K-quants cannot block, an embedding table with more
+rows than the tokenizer has tokens, the model's own chat template and tokenizer kind) and shrinks
+the rest. `layout="hub"` writes what the hub holds for checkpoints saved before transformers 5:
+`preprocessor_config.json` + `chat_template.json` beside the tokenizer files, fp16 weights;
+`layout="transformers5"` is what `save_pretrained` writes today.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Chat templates in the shape of the originals (written here, not copied): LLaVA-1.5 and ChatML.
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = ["What color is the circle? red", "How many shapes are there? three", "Is there a square? yes",
+          "Which digit is shown? seven", "Where is the triangle? left", "What shape is blue? star"] * 20
+
+
+def _llama_tokenizer(tokens: int):
+    """A Llama-2 style tokenizer: SentencePiece-normalised BPE with byte fallback, BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=tokens - 2, special_tokens=specials,
+                                                         show_progress=False))
+    tok.add_special_tokens(["<image>", "<pad>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="left")
+
+
+def _qwen2_tokenizer(tokens: int):
+    """A Qwen2 style tokenizer: byte-level BPE behind Qwen2's split regex, no BOS, ChatML specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=tokens - len(specials),
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+
+
+def _save(model, processor, out: Path, layout: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if layout == "hub":
+        model = model.to(torch.float16)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    if layout == "hub":  # the pre-transformers-5 layout of hub snapshots
+        config = json.loads((out / "processor_config.json").read_text())
+        (out / "preprocessor_config.json").write_text(json.dumps(config.pop("image_processor"), indent=2))
+        (out / "processor_config.json").write_text(json.dumps(config, indent=2))
+        template = out / "chat_template.jinja"
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+        template.unlink()
+    elif layout != "transformers5":
+        raise ValueError(layout)
+    return out
+
+
+def llava15_clip_llama(out: Path, layout: str = "hub", seed: int = 0) -> Path:
+    """llava-hf/llava-1.5-7b-hf shrunk: CLIP ViT-L/14-336 (CLS, quick GELU, feature layer -2,
+    `default` strategy), LLaMA-2 (SentencePiece-style BPE, BOS), 64 embedding rows past the tokenizer."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = _llama_tokenizer(320)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                              projection_dim=64)
+    text = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=len(tokenizer) + 64, max_position_embeddings=512,
+                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+                         image_seq_length=16, tie_word_embeddings=False)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                         do_center_crop=True, resample=3,
+                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                         image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", chat_template=LLAVA15_TEMPLATE,
+                               image_token="<image>", num_additional_image_tokens=1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return _save(model, processor, out, layout)
+
+
+def llava_interleave_qwen2(out: Path, layout: str = "hub", seed: int = 0) -> Path:
+    """llava-hf/llava-interleave-qwen-0.5b-hf shrunk: SigLIP (no CLS, `full`, last layer), Qwen2 with
+    GQA (14 query / 2 KV heads), QKV bias, tied embeddings, width 896 (no K-quant blocks), ChatML,
+    embedding rows past the tokenizer."""
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    tokenizer = _qwen2_tokenizer(400)
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(hidden_size=896, intermediate_size=1152, num_hidden_layers=2, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=len(tokenizer) + 48, max_position_embeddings=1024,
+                       rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                       tie_word_embeddings=True, bos_token_id=None,
+                       eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         image_seq_length=16, tie_word_embeddings=True)
+    image_processor = SiglipImageProcessor(size={"height": 56, "width": 56}, resample=3,
+                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="full", chat_template=CHATML_TEMPLATE,
+                               image_token="<image>", num_additional_image_tokens=0)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # Qwen2's QKV biases start at zero; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                param.normal_(0.0, 0.5)
+    return _save(model, processor, out, layout)
+
+
+VARIANTS = {"llava15_clip_llama": llava15_clip_llama, "llava_interleave_qwen2": llava_interleave_qwen2}
