@@ -61,3 +61,35 @@ def test_llm_modes_train_the_llm_and_return_a_plain_llava(mode, small_arch, synt
     if mode == "lora":
         assert all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed), changed
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_projector_continue_starts_from_the_checkpoints_own(small_arch, synthetic_data, monkeypatch):
+    """train.projector=continue fine-tunes the trained connector: it is never re-initialised, and it moves."""
+    from vlm_factory.model.tiny import build_model
+    from vlm_factory.train import projector as recipe
+
+    model, processor = build_model(small_arch, seed=2)
+    before = _snapshot(model.model.multi_modal_projector)
+    monkeypatch.setattr(recipe, "reinitialise_projector", lambda *a, **k: pytest.fail("re-initialised"))
+    cfg = TrainConfig(projector="continue", steps=3, batch_size=16, lr=1e-3, warmup_steps=1, log_every=1)
+    trained, losses = finetune_projector(model, processor, read_jsonl(synthetic_data / "train.jsonl"),
+                                         synthetic_data, cfg)
+    assert len(losses) == 3
+    after = _snapshot(trained.model.multi_modal_projector)
+    assert not torch.equal(after["linear_2.weight"], before["linear_2.weight"])
+
+
+def test_projector_frozen_trains_nothing(random_llava, synthetic_data):
+    model, processor = random_llava
+    before = _snapshot(model)
+    trained, losses = finetune_projector(model, processor, read_jsonl(synthetic_data / "train.jsonl"),
+                                         synthetic_data, TrainConfig(projector="frozen"))
+    assert losses == [] and all(torch.equal(v, before[k]) for k, v in _snapshot(trained).items())
+
+
+def test_finetune_aligns_a_qwen2_llava(synthetic_data):
+    """The same recipe on the Qwen2 base: the family supplies the prompt, connector and LLM."""
+    model, processor = load_checkpoint(BUNDLED_BASE.parent / "tiny-llava-qwen2")
+    cfg = TrainConfig(steps=20, batch_size=32, lr=3e-3, warmup_steps=5, log_every=5)
+    _, losses = finetune_projector(model, processor, read_jsonl(synthetic_data / "train.jsonl"), synthetic_data, cfg)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
