@@ -127,3 +127,22 @@ def test_dvc_exp_run_with_an_override_is_listed_with_params_and_metrics(workspac
     data = named[0]["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.01
     assert "vqa_accuracy" in data["metrics"]["metrics/reference.json"]["data"]
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_builds_every_format_for_the_qwen2_base(workspace):
+    """`-S model=tiny_qwen2`: the Qwen2 LLaVA through download, finetune, all four exporters, parity, publish."""
+    _run(["dvc", "exp", "run", "-n", "smoke-qwen2", *[f"-S{o}" for o in TINY], "-S", "model=tiny_qwen2",
+          "-S", "tier=[iphone15pro,android_flagship]"], workspace)
+    published = json.loads((workspace / "metrics" / "publish.json").read_text())
+    assert set(published["releases"]) == {"iphone15pro", "android_flagship"}
+    assert published["releases"]["android_flagship"]["formats"] == ["gguf", "onnx", "tflite"]
+    assert published["releases"]["iphone15pro"]["formats"] == ["coreml", "gguf"]
+    budget = json.loads((workspace / "metrics" / "budget" / "android_flagship.json").read_text())
+    assert budget["model_variant"] == "siglip + mlp + qwen2"
+    for target in ("android_flagship-gguf", "android_flagship-onnx", "android_flagship-tflite", "iphone15pro-coreml"):
+        verdict = json.loads((workspace / "metrics" / "parity" / f"{target}.json").read_text())
+        assert verdict["passed"] and verdict["n_questions"] == 72, target
+    table = _run([sys.executable, "-m", "vlm_factory.cli", "family-table", "--out", "family.json"], workspace)
+    assert "tiny-llava-qwen2 (siglip + mlp + qwen2)" in table
+    assert json.loads((workspace / "family.json").read_text())["all_passed"] is True

@@ -69,6 +69,19 @@ def _families(args: argparse.Namespace) -> None:
     print(f"updated the support matrix in {readme}")
 
 
+def _family_table(args: argparse.Namespace) -> None:
+    from vlm_factory.config import load_params
+    from vlm_factory.eval.family_table import family_markdown, family_table
+    from vlm_factory.io import write_json
+
+    name = args.name or load_params(args.params).model.name
+    table = family_table(name, Path(args.model), Path(args.metrics))
+    if args.out:
+        write_json(table, Path(args.out))
+        print(f"wrote {args.out}")
+    print(family_markdown(table), end="")
+
+
 def _ask(args: argparse.Namespace) -> None:
     from vlm_factory.data.images import load_image
     from vlm_factory.eval.generate import answer_questions
@@ -113,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     families.add_argument("--update", metavar="README", default=None,
                           help="rewrite the support-matrix section of this markdown file instead of printing")
     families.set_defaults(func=_families)
+
+    table = sub.add_parser("family-table", help="the last run's reference and parity results as one table "
+                                                "(metrics/families/<model>.json)")
+    table.add_argument("--out", default=None, help="write the JSON here (e.g. metrics/families/tiny_qwen2.json)")
+    table.add_argument("--name", default=None, help="model name to record (default: model.name in params)")
+    table.add_argument("--model", default="artifacts/finetuned")
+    table.add_argument("--metrics", default="metrics")
+    table.add_argument("--params", default="params.yaml")
+    table.set_defaults(func=_family_table)
 
     ask = sub.add_parser("ask", help="ask a model (HF directory) a question about an image")
     ask.add_argument("image")

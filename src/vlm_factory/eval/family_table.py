@@ -1,0 +1,58 @@
+"""One model's whole result in one small file: reference, every target's parity verdict, its releases.
+
+`vlm-factory family-table` writes it after a run (e.g. `dvc exp run -S model=tiny_qwen2`), so each
+bundled family's numbers are committed side by side (`metrics/families/<model>.json`) while the
+pipeline's own metrics files hold the default model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_factory.errors import UserError
+from vlm_factory.families import family_of
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run the pipeline (dvc repro or dvc exp run) first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def family_table(model_name: str, model_dir: Path, metrics_dir: Path) -> dict:
+    """Reference accuracy, blind baseline and per-target parity of the model the pipeline last built."""
+    family = family_of(model_dir)
+    reference = _read(metrics_dir / "reference.json")
+    targets = {}
+    for path in sorted((metrics_dir / "parity").glob("*.json")):
+        verdict = _read(path)
+        targets[path.stem] = {
+            "format": verdict["format"], "tier": verdict["tier"], "vqa_accuracy": verdict["vqa_accuracy"],
+            "drift": verdict["drift"], "drift_ci95": verdict["drift_ci95"], "flip_rate": verdict["flip_rate"],
+            "embedding_cosine": verdict["image_embedding_cosine"]["mean"],
+            "artifact_bytes": verdict["artifact_bytes"], "threshold": verdict["threshold"],
+            "passed": verdict["passed"]}
+    published = _read(metrics_dir / "publish.json").get("releases", {}) if (metrics_dir / "publish.json").is_file() else {}
+    return {"model": model_name, "family": family.name, "variant": family.variant,
+            "image_tokens": family.image_tokens, "reference_accuracy": reference["vqa_accuracy"],
+            "blind_baseline": reference["blind_baseline"]["vqa_accuracy"],
+            "reference_by_aspect": reference["by_aspect"], "targets": targets,
+            "releases": {tier: {"version": r["version"], "formats": r["formats"]} for tier, r in published.items()},
+            "all_passed": bool(targets) and all(t["passed"] for t in targets.values())}
+
+
+def family_markdown(table: dict) -> str:
+    """The table as README markdown: one row per (tier, format)."""
+    lines = [f"{table['model']} ({table['variant']}): reference {table['reference_accuracy']:.2f} %, "
+             f"blind baseline {table['blind_baseline']:.2f} %", "",
+             "| target | accuracy | drift (95 % CI) | flips | emb. cosine | MiB | gate |", "| --- |" + " --- |" * 6]
+    for name, t in table["targets"].items():
+        low, high = t["drift_ci95"]
+        lines.append(f"| {name} | {t['vqa_accuracy']:.2f} % | {t['drift']:+.2f} ({low:+.2f}, {high:+.2f}) | "
+                     f"{100 * t['flip_rate']:.1f} % | {t['embedding_cosine']:.4f} | {t['artifact_bytes'] / 2**20:.1f} | "
+                     f"{'pass' if t['passed'] else 'FAIL'} (≤ {t['threshold']['max_drop']}) |")
+    return "\n".join(lines) + "\n"
