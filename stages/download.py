@@ -1,11 +1,13 @@
 """Stage download: the base model (hub or local, checksummed) and the VQA data (synthetic, hub or local)."""
 
 import argparse
+import logging
 from pathlib import Path
 
 from vlm_factory.config import load_params
 from vlm_factory.data.sources import fetch_data
 from vlm_factory.errors import exits_cleanly
+from vlm_factory.families import family_of
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.snapshot import fetch_model
 
@@ -20,6 +22,14 @@ def main(argv=None) -> None:
     setup_logging()
     params = load_params(args.params)
     fetch_model(params.model, args.model_out)
+    family = family_of(args.model_out)
+    # Fail here, minutes before the first export would, if a tier asks for a format this model cannot go to.
+    # (Only a check: the export stages enforce it again, so `targets` is not a dependency of this stage.)
+    for fmt, by_tier in params.targets.items():
+        if by_tier:
+            family.require_format(fmt)
+    logging.getLogger("download").info("model family %s (%s), %d visual tokens per image", family.name,
+                                       family.variant, family.image_tokens)
     fetch_data(params.data, args.data_out)
 
 
