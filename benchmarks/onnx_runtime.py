@@ -19,14 +19,14 @@ warmed up, and measured in `--repeats` rounds that visit every variant in turn (
 the machine hits each about equally); each figure is the median over the rounds:
 
 - vision ms/image: the vision graph (tower + projector) on one preprocessed image, batch 1; per round the
-  median of `--runs` calls (preprocessing excluded; torch: `project(tower_features(...))` under
+  median of `--runs` calls (preprocessing excluded; torch: the family's `image_features` under
   inference_mode);
 - prefill ms: the whole first step of an answer (vision + embedding + the prompt through the decoder
   into an empty KV cache), per round the fastest of 3;
 - decode tok/s: `--tokens` greedy steps through the KV cache after that prompt (EOS ignored, so every
   variant does the same work), one token per decoder call. ONNX variants run through the runtime
   adapter (runtime/onnx_runtime.py: embedding graph + decoder graph per token, as a device app would);
-  torch calls LlavaForConditionalGeneration with its DynamicCache.
+  torch calls the transformers model with its DynamicCache.
 
 The sizes are the three .onnx graphs (the torch row: the safetensors weights). Timings at this model size
 are dominated by per-call overhead, not by arithmetic; other load on the machine shows as noise (the
@@ -78,24 +78,20 @@ def sample(data_dir: Path):
 
 
 class TorchRunner:
-    """LlavaForConditionalGeneration in eager PyTorch, with its DynamicCache."""
+    """The transformers model in eager PyTorch, with its DynamicCache; prompt and vision from its family."""
 
     def __init__(self, model_dir: Path, image, question: str):
-        from vlm_factory.model.checkpoint import load_checkpoint
-        from vlm_factory.model.prompt import expand_image_tokens, user_prompt
+        from vlm_factory.model.checkpoint import load_model
+        from vlm_factory.runtime.prompting import prompt_token_ids
 
-        self.model, processor = load_checkpoint(model_dir)
-        self.model.eval()
-        self.ids = processor.tokenizer(expand_image_tokens(user_prompt(question), self.model.config.image_seq_length),
-                                       return_tensors="pt").input_ids
+        self.family, self.model, processor = load_model(model_dir)
+        self.ids = torch.tensor([prompt_token_ids(self.family.prompt(processor), processor.tokenizer, question)])
         self.pixels = processor.image_processor([image], return_tensors="pt").pixel_values
         self.bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
     @torch.inference_mode()
     def vision(self):
-        from vlm_factory.model.features import project, tower_features
-
-        return project(self.model, tower_features(self.model, self.pixels))
+        return self.family.image_features(self.model, self.pixels)
 
     @torch.inference_mode()
     def prefill(self):
@@ -180,7 +176,8 @@ def build_exports(model_dir: Path, data_dir: Path, work: Path, args) -> dict[str
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=BUNDLED_BASE, help="LLaVA checkpoint directory (HF format)")
+    parser.add_argument("--model", type=Path, default=BUNDLED_BASE, help="checkpoint directory (HF format) of a "
+                                                                      "supported model family")
     parser.add_argument("--data", type=Path, help="dataset directory with train.jsonl (INT8 calibration) and "
                                                   "eval.jsonl; default: a small synthetic one in the work directory")
     parser.add_argument("--runs", type=int, default=50, help="vision calls per variant and round (median)")

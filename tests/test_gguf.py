@@ -64,6 +64,19 @@ def test_metadata_tensors_and_tokenizer(llm_f32):
     assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(down.shape), down)
 
 
+def test_bundled_base_prompt_is_unchanged():
+    """The prompt llama.cpp answers comes from the export (the family's, from the chat template):
+    for the bundled base it is, bit for bit, the template it was trained with."""
+    from vlm_factory.export.gguf_io import load_processor
+    from vlm_factory.families import family_of
+    from vlm_factory.model.prompt import IMAGE_TOKEN, user_prompt
+
+    spec = family_of(BUNDLED_BASE).prompt(load_processor(BUNDLED_BASE))
+    question = " What color is the circle? "
+    assert spec.render(question) == user_prompt(question)
+    assert spec.image_token == IMAGE_TOKEN and spec.add_special_tokens
+
+
 def test_unsupported_file_type_is_refused(tmp_path):
     with pytest.raises(UserError, match="F32 or F16"):
         write_llm_gguf(BUNDLED_BASE, tmp_path / "x.gguf", "Q4_K_M")
@@ -123,12 +136,16 @@ def test_unsupported_checkpoints_are_refused(tmp_path, random_checkpoint):
         (copy / "config.json").write_text(json.dumps(config))
         return copy
 
-    qwen = variant("qwen", lambda c: c["text_config"].update(model_type="qwen2"))
-    with pytest.raises(UserError, match="qwen2.*not supported"):
-        write_llm_gguf(qwen, tmp_path / "llm.gguf")
+    mistral = variant("mistral", lambda c: c["text_config"].update(model_type="mistral"))
+    with pytest.raises(UserError, match="cannot be exported to gguf: LLM 'mistral'"):
+        write_llm_gguf(mistral, tmp_path / "llm.gguf")
     two_layers = variant("layers", lambda c: c.update(vision_feature_layer=[-2, -1]))
-    with pytest.raises(UserError, match="single layer"):
+    with pytest.raises(UserError, match="one layer index is supported, not a list"):
         write_mmproj_gguf(two_layers, tmp_path / "mmproj.gguf")
+    # llama.cpp drops the first position exactly when the tower has a class token: SigLIP has none.
+    drop_first = variant("strategy", lambda c: c.update(vision_feature_select_strategy="default"))
+    with pytest.raises(UserError, match="drops the first position of a siglip tower without a class token"):
+        write_mmproj_gguf(drop_first, tmp_path / "mmproj.gguf")
     silu = variant("silu", lambda c: c["vision_config"].update(hidden_act="silu"))
     with pytest.raises(UserError, match="activation 'silu'"):
         write_mmproj_gguf(silu, tmp_path / "mmproj.gguf")
@@ -161,7 +178,12 @@ def test_runtime_refuses_a_truncated_mmproj(tmp_path, llm_f32, mmproj):
 
 @needs_llama_cpp
 def test_export_reports_types_sizes_versions_and_fallbacks(tmp_path, random_checkpoint):
+    import json
+
+    from vlm_factory.artifacts import EXPORT_REPORT
     from vlm_factory.export.gguf_export import export_gguf
+    from vlm_factory.model.checkpoint import load_model
+    from vlm_factory.runtime.open import open_runtime
 
     # The small test model has 64- and 128-wide rows: K-quants need multiples of 256, so llama.cpp must fall back.
     report = export_gguf(random_checkpoint, tmp_path / "gguf", "phone", {"llm": "Q4_K_M", "vision": "Q5_K"})
@@ -177,6 +199,15 @@ def test_export_reports_types_sizes_versions_and_fallbacks(tmp_path, random_chec
         assert re.search(r"row length (64|128) is not a multiple of \S+ block size 256", fallback["reason"])
         assert types[fallback["tensor"]] == fallback["used"] != fallback["wanted"]
     assert {f["tensor"] for f in report["fallbacks"]} >= {"blk.0.attn_q.weight", "v.blk.0.attn_q.weight"}
+    # The runtime answers the prompt the export recorded; an export without one is refused in one line.
+    family, _, processor = load_model(random_checkpoint)
+    assert report["prompt"] == family.prompt(processor).as_dict()
+    with open_runtime("gguf", tmp_path / "gguf", context_tokens=64, kv_cache="f32") as runtime:
+        assert runtime._prompt == family.prompt(processor)
+    del report["prompt"]
+    (tmp_path / "gguf" / EXPORT_REPORT).write_text(json.dumps(report))
+    with pytest.raises(UserError, match=r"export_report\.json: 'prompt' must hold"):
+        open_runtime("gguf", tmp_path / "gguf", context_tokens=64, kv_cache="f32")
 
 
 @needs_llama_cpp
@@ -226,7 +257,7 @@ def test_first_token_log_probs_match_transformers(tmp_path, eval_samples, llm_ty
     """
     from vlm_factory.eval.artifact_parity import reference_pixels_as_image
     from vlm_factory.export.gguf_export import export_gguf
-    from vlm_factory.model.checkpoint import load_checkpoint
+    from vlm_factory.model.checkpoint import load_model
     from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
 
     if llm_type == "F32":
@@ -236,9 +267,9 @@ def test_first_token_log_probs_match_transformers(tmp_path, eval_samples, llm_ty
     else:
         report = export_gguf(BUNDLED_BASE, tmp_path / "gguf", "t", {"llm": llm_type, "vision": vision_type})
         llm, mm = (tmp_path / "gguf" / report["files"][k]["file"] for k in ("llm", "mmproj"))
-    model, processor = load_checkpoint(BUNDLED_BASE)
+    family, model, processor = load_model(BUNDLED_BASE)
     worst = 0.0
-    with LlamaCppRuntime(llm, mm, kv_cache=kv_cache) as runtime:
+    with LlamaCppRuntime(llm, mm, kv_cache=kv_cache, prompt=family.prompt(processor)) as runtime:
         for image, question in eval_samples:
             expected = _first_token_log_probs(model, processor, image, question)
             pixels = reference_pixels_as_image(processor.image_processor, image)

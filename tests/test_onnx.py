@@ -182,9 +182,9 @@ def test_pixel_values_match_the_reference_processor(runtime, reference, aspect_s
 
 def test_centre_crop_preprocessing_matches_too(aspect_samples):
     """The config also describes CLIP's short-side resize + centre crop; the device code must follow it."""
-    from vlm_factory.export.onnx_graphs import image_preprocessing
+    from vlm_factory.families.llava import image_preprocessing
     from vlm_factory.model.tiny import build_image_processor
-    from vlm_factory.runtime.onnx_runtime import preprocess
+    from vlm_factory.runtime.preprocess import preprocess
 
     processor = build_image_processor(64, letterbox=False)
     spec = image_preprocessing(processor)

@@ -3,7 +3,8 @@
 Both files are first written at full precision by our gguf-py writers (LLM in F16, mmproj in F32),
 then quantized by llama.cpp itself: the LLM to the tier's `llm` file type, the mmproj's vision
 blocks to `vision` and its projector (`mm.*`) to `projector`. The report lists every tensor with
-its type and bits per weight, the fallbacks llama.cpp chose, file sizes and tool versions.
+its type and bits per weight, the fallbacks llama.cpp chose, file sizes and tool versions, and
+the model family's prompt (`prompt`, what the runtime renders questions with) and preprocessing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
+from vlm_factory.export.gguf_io import load_processor
 from vlm_factory.export.gguf_llm import write_llm_gguf
 from vlm_factory.export.gguf_mmproj import write_mmproj_gguf
 from vlm_factory.export.gguf_quantize import quantize
@@ -73,13 +75,19 @@ def describe_gguf(path: Path) -> dict:
 
 def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> dict:
     """Write `out_dir` (atomically) with the tier's LLM + mmproj and export_report.json; return the report."""
+    from vlm_factory.families import family_of
+
     settings = gguf_settings(settings, tier)
     llm_name, mmproj_name = package_files(settings)
     started = time.perf_counter()
+    family = family_of(model_dir)
+    family.require_format("gguf")
+    processor = load_processor(model_dir)
+    prompt = family.prompt(processor)
     with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory(dir=staging.parent) as scratch:
         full_llm, full_mmproj = Path(scratch) / "llm-F16.gguf", Path(scratch) / "mmproj-F32.gguf"
-        write_llm_gguf(model_dir, full_llm, "F16")
-        write_mmproj_gguf(model_dir, full_mmproj)
+        write_llm_gguf(model_dir, full_llm, "F16", family=family)
+        write_mmproj_gguf(model_dir, full_mmproj, family=family, processor=processor)
         log.info("quantizing the LLM to %s and the mmproj to %s (projector %s) with llama.cpp",
                  settings["llm"], settings["vision"], settings["projector"])
         fallbacks = quantize(full_llm, staging / llm_name, settings["llm"], key=f"targets.gguf.{tier}.llm")
@@ -93,6 +101,11 @@ def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> di
             "format": "gguf", "tier": tier, "settings": settings, "files": files,
             "total_bytes": sum(f["file_bytes"] for f in files.values()),
             "fallbacks": [vars(f) for f in fallbacks],
+            "model": family.summary(),
+            "prompt": prompt.as_dict(),
+            # What llama.cpp gets from the mmproj is mean, std and size; the processor's full recipe is
+            # kept for the record (clip.cpp letterboxes an "mlp" projector's images whatever it says).
+            "vision": {"preprocessing": family.preprocessing(processor)},
             "tools": {"gguf": version("gguf"), "llama_cpp_python": version("llama_cpp_python"),
                       "llama_cpp_commit": ggml_commit()},
         }

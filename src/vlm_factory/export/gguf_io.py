@@ -1,9 +1,12 @@
-"""What both GGUF exporters share: checkpoint tensors read lazily, a file written atomically.
+"""What both GGUF exporters share: checkpoint tensors placed by the model family, read lazily, atomic files.
 
 gguf-py's writer keeps every tensor it is given until it writes the file. Giving it deferred
 tensors (gguf's own LazyNumpyTensor) means each one is read from the memory-mapped safetensors
 file, converted and written in turn, and dropped after writing: one tensor in memory at a time,
 never the model twice.
+
+Which tensors belong to the LLM, the vision tower or the connector, and under which local name,
+is the family's answer (`family.checkpoint_key`): the exporters never guess a checkpoint's prefixes.
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from vlm_factory.errors import UserError
 from vlm_factory.io import atomic_path
 
 
 @dataclass(frozen=True)
 class CheckpointTensor:
     file: Path
-    key: str
+    key: str                  # the safetensors key
+    local: str                # its name inside its component (family.checkpoint_key)
     shape: tuple[int, ...]
 
     def load(self) -> np.ndarray:
-        """The tensor as float32 (through torch, so bfloat16 checkpoints read as well)."""
+        """The tensor as float32 (through torch, so bfloat16 and float16 checkpoints read as well)."""
         import torch
         from safetensors import safe_open
 
@@ -32,15 +37,31 @@ class CheckpointTensor:
             return f.get_tensor(self.key).to(torch.float32).numpy()
 
 
-def checkpoint_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> Iterator[CheckpointTensor]:
-    """Every tensor whose name starts with one of `prefixes`, in file and key order, not yet loaded."""
+def component_tensors(model_dir: Path, family, component: str) -> Iterator[CheckpointTensor]:
+    """Every tensor the family places in `component` ("llm", "vision", "connector"), in file and key order."""
     from safetensors import safe_open
 
-    for weights in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(weights, framework="pt") as f:
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    if not weights:
+        raise UserError(f"{model_dir}: no .safetensors weights; run the stage that produces the checkpoint")
+    for path in weights:
+        with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                if key.startswith(prefixes):
-                    yield CheckpointTensor(weights, key, tuple(f.get_slice(key).get_shape()))
+                placed = family.checkpoint_key(key)
+                if placed is not None and placed.component == component:
+                    yield CheckpointTensor(path, key, placed.local, tuple(f.get_slice(key).get_shape()))
+
+
+def load_processor(model_dir: Path):
+    """The checkpoint's processor (transformers' AutoProcessor: hub and transformers-5 layouts alike)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{model_dir}: the processor (tokenizer + image processor files) cannot be loaded "
+                        f"({first})") from None
 
 
 def deferred(shape: tuple[int, ...], dtype, compute: Callable[[], np.ndarray]):

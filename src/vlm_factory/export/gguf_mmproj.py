@@ -1,105 +1,135 @@
-"""The vision half of the llama.cpp packaging: a SigLIP or CLIP tower + LLaVA MLP projector as an mmproj GGUF.
+"""The vision half of the llama.cpp packaging: vision tower + connector as an mmproj GGUF.
 
-llama.cpp's loader wants the projector as `mm.0` / `mm.2` (gguf-py's name map says `mm.1`).
-LLaVA reads a hidden state of the tower (`vision_feature_layer`), never its post-layernorm, so the
-post-layernorm is left out (clip.cpp would apply it) and the feature layer is written explicitly
-as a non-negative index: clip.cpp's LLaVA graph otherwise stops one block early (LLaVA-1.5's -2).
-Preprocessing (image size, mean, std) comes from the model's own processor config.
+What is written comes from the model family: the tower's and connector's tensors
+(`family.checkpoint_key`), the tower's facts (`family.vision`), the projector type
+(`family.connector_type`) and the preprocessing (`family.preprocessing(processor)`, read from the
+checkpoint's own processor, hub or transformers-5 layout).
 
-CLIP towers are written faithfully, but this llama.cpp puts the CLS token after the patches where
-transformers puts it first, so their image embeddings do not match: the parity gate's embedding
-check is what refuses such an export (see tests/test_gguf.py), not this writer.
+CLIP and SigLIP towers are written faithfully: patch embedding, class embedding and pre-layernorm
+when the tower has them. The connector reads one hidden state of the tower before any
+post-layernorm, so the post-layernorm (and a SigLIP pooling head) is left out, and the feature
+layer is written explicitly as a non-negative index: clip.cpp's llava graph saves
+`hidden_states[k]` as transformers counts them (0 = the embeddings after the pre-layernorm) and
+otherwise stops one block early (LLaVA-1.5's -2). For a tower with a class token the graph drops
+one position before the projector, without one it keeps all: the checkpoint's select strategy must
+say the same.
+
+The pinned llama.cpp puts the class token after the patches where transformers puts it first
+(ggml-org/llama.cpp#25814), so a CLIP tower's image embeddings do not match: the parity gate's
+embedding check refuses such an export (`family.known_issue("gguf")` says why), not this writer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_io import checkpoint_tensors, deferred, write_gguf
+from vlm_factory.export.gguf_io import component_tensors, deferred, load_processor, write_gguf
 
 log = logging.getLogger(__name__)
 
 # gguf-py 0.19 has no writer method for it yet; the key is llama.cpp's KEY_FEATURE_LAYERS.
 FEATURE_LAYERS_KEY = "clip.vision.feature_layer"
-TOWERS = ("siglip_vision_model", "clip_vision_model")
 # clip.cpp runs a GELU (either form; it is tanh-approximated) or, with use_gelu false, a quick GELU.
 ACTIVATIONS = {"gelu": True, "gelu_pytorch_tanh": True, "quick_gelu": False}
-PROJECTOR_NAMES = {"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"}
+# llama.cpp's names of a connector's layers, by projector type: its loader wants mm.0 / mm.2 for "mlp".
+CONNECTOR_NAMES = {"mlp": {"linear_1": "mm.0", "linear_2": "mm.2"}}
+# A CLIP or SigLIP tower's tensors (local names) -> llama.cpp's; None: not part of what the connector reads.
+TOWER_NAMES = (
+    (r"embeddings\.patch_embedding\.(weight|bias)", "v.patch_embd.{0}"),
+    (r"embeddings\.position_embedding\.weight", "v.position_embd.weight"),
+    (r"embeddings\.class_embedding", "v.class_embd"),
+    (r"pre_layrnorm\.(weight|bias)", "v.pre_ln.{0}"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", "v.blk.{0}.attn_{1}.{2}"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "v.blk.{0}.attn_out.{1}"),
+    (r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", "v.blk.{0}.ln{1}.{2}"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", "v.blk.{0}.ffn_up.{1}"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", "v.blk.{0}.ffn_down.{1}"),
+    (r"post_layernorm\..*", None),
+    (r"head\..*", None),
+)
 
 
-def _gguf_name(key: str, name_map) -> str | None:
-    for hf, gg in PROJECTOR_NAMES.items():
-        if key.startswith(hf + "."):
-            return gg + key[len(hf):]
-    if "post_layernorm" in key:
-        return None
-    # Some checkpoints store the tower as `vision_tower.*`; gguf-py's map knows `vision_tower.vision_model.*`.
-    if not key.startswith("vision_tower.vision_model."):
-        key = key.replace("vision_tower.", "vision_tower.vision_model.", 1)
-    name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
-    if name is None:
-        raise UserError(f"tensor {key} has no mmproj name; unsupported vision tower layout")
-    return name
+def tower_name(local: str) -> str | None:
+    """llama.cpp's name of a tower tensor (None: left out); an unknown tensor is a one-line error."""
+    for pattern, name in TOWER_NAMES:
+        match = re.fullmatch(pattern, local)
+        if match:
+            return None if name is None else name.format(*match.groups())
+    raise UserError(f"vision tower tensor {local!r} has no mmproj name; unsupported vision tower layout")
 
 
-def write_mmproj_gguf(model_dir: Path, out_path: Path) -> dict[str, str]:
-    """Write the vision tower and projector of an HF LLaVA directory as an F32 mmproj GGUF."""
-    import gguf
-    from transformers import LlavaConfig
-
-    config = LlavaConfig.from_pretrained(model_dir)
-    vision = config.vision_config
-    if vision.model_type not in TOWERS:
-        raise UserError(f"{model_dir}: vision tower {vision.model_type!r} is not supported by the mmproj exporter "
-                        f"(supported: {', '.join(TOWERS)})")
+def _check(family, preprocessing: dict, source: Path) -> None:
+    vision = family.vision
     if vision.hidden_act not in ACTIVATIONS:
-        raise UserError(f"{model_dir}: vision activation {vision.hidden_act!r}; clip.cpp runs "
-                        f"{', '.join(ACTIVATIONS)}")
-    feature_layer = config.vision_feature_layer
-    if not isinstance(feature_layer, int) or not -vision.num_hidden_layers - 1 <= feature_layer <= vision.num_hidden_layers:
-        raise UserError(f"{model_dir}: vision_feature_layer {feature_layer!r} must be one layer index; "
-                        "llama.cpp's 'mlp' projector reads a single layer")
-    # llama.cpp drops a CLS token when the tower has one and keeps every token otherwise.
-    strategy = "default" if vision.model_type == "clip_vision_model" else "full"
-    if config.vision_feature_select_strategy != strategy:
-        raise UserError(f"{model_dir}: vision_feature_select_strategy is {config.vision_feature_select_strategy!r}; "
-                        f"llama.cpp reads a {vision.model_type} tower as {strategy!r}")
-    if config.projector_hidden_act != "gelu":
-        raise UserError(f"{model_dir}: projector activation {config.projector_hidden_act!r}; llama.cpp's 'mlp' "
-                        "projector is GELU")
-    processor = json.loads((model_dir / "processor_config.json").read_text(encoding="utf-8"))["image_processor"]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
+        raise UserError(f"{source}: vision activation {vision.hidden_act!r}; clip.cpp runs {', '.join(ACTIVATIONS)}")
+    if family.connector_type not in CONNECTOR_NAMES:
+        raise UserError(f"{source}: connector {family.connector_type!r} has no mmproj writer "
+                        f"(written: {', '.join(CONNECTOR_NAMES)})")
+    if vision.drop_cls != vision.has_cls_token:
+        raise UserError(f"{source}: vision_feature_select_strategy {'drops' if vision.drop_cls else 'keeps'} the first "
+                        f"position of a {vision.tower} tower {'with' if vision.has_cls_token else 'without'} a class "
+                        "token; llama.cpp drops it exactly when there is a class token")
+    if abs(preprocessing["rescale_factor"] - 1 / 255) > 1e-9:
+        raise UserError(f"{source}: image rescale_factor {preprocessing['rescale_factor']}; clip.cpp scales pixels "
+                        "by 1/255 only")
+
+
+def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=None) -> dict[str, str]:
+    """Write the vision tower and connector of a checkpoint directory as an F32 mmproj GGUF."""
+    import gguf
+
+    from vlm_factory.families import family_of
+
+    model_dir = Path(model_dir)
+    family = family or family_of(model_dir)
+    family.require_format("gguf")
+    processor = processor if processor is not None else load_processor(model_dir)
+    preprocessing = family.preprocessing(processor)
+    _check(family, preprocessing, model_dir)
+    vision = family.vision
+    connector_names = CONNECTOR_NAMES[family.connector_type]
     summary: dict[str, str] = {}
+
+    def connector_name(local: str) -> str:
+        layer, _, suffix = local.rpartition(".")
+        if layer not in connector_names:
+            raise UserError(f"{model_dir}: connector tensor {local!r} is not part of a "
+                            f"{family.connector_type!r} projector")
+        return f"{connector_names[layer]}.{suffix}"
 
     def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.MMPROJ)
         writer.add_name(model_dir.name)
         writer.add_clip_has_vision_encoder(True)
-        writer.add_clip_projector_type("mlp")
-        writer.add_vision_projection_dim(config.text_config.hidden_size)
+        writer.add_clip_projector_type(family.connector_type)
+        writer.add_vision_projection_dim(family.text.hidden_size)
         writer.add_vision_image_size(vision.image_size)
         writer.add_vision_patch_size(vision.patch_size)
         writer.add_vision_embedding_length(vision.hidden_size)
         writer.add_vision_feed_forward_length(vision.intermediate_size)
-        writer.add_vision_block_count(vision.num_hidden_layers)
-        writer.add_vision_head_count(vision.num_attention_heads)
+        writer.add_vision_block_count(vision.num_layers)
+        writer.add_vision_head_count(vision.num_heads)
         writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
-        writer.add_vision_image_mean(processor["image_mean"])
-        writer.add_vision_image_std(processor["image_std"])
+        writer.add_vision_image_mean(preprocessing["mean"])
+        writer.add_vision_image_std(preprocessing["std"])
         writer.add_vision_use_gelu(ACTIVATIONS[vision.hidden_act])
-        # hidden_states[k] of transformers is clip.cpp's feature layer k (0 = the embeddings).
-        writer.add_array(FEATURE_LAYERS_KEY, [feature_layer % (vision.num_hidden_layers + 1)])
-        for tensor in checkpoint_tensors(model_dir, ("vision_tower.", "multi_modal_projector.")):
-            name = _gguf_name(tensor.key, name_map)
-            if name is not None:
-                writer.add_tensor(name, deferred(tensor.shape, np.float32, tensor.load))
-                summary[name] = "F32"
+        writer.add_array(FEATURE_LAYERS_KEY, [vision.feature_layer])
+        for component, rename in (("vision", tower_name), ("connector", connector_name)):
+            for tensor in component_tensors(model_dir, family, component):
+                name = rename(tensor.local)
+                if name is not None:
+                    writer.add_tensor(name, deferred(tensor.shape, np.float32, tensor.load))
+                    summary[name] = "F32"
 
     write_gguf(out_path, "clip", fill)
-    log.info("wrote %s: %d tensors", out_path, len(summary))
+    if not any(name.startswith("mm.") for name in summary) or "v.patch_embd.weight" not in summary:
+        out_path.unlink(missing_ok=True)
+        raise UserError(f"{model_dir}: the checkpoint has no vision tower or connector tensors the family recognises")
+    log.info("wrote %s: %d tensors (%s tower, %s projector)", out_path, len(summary), vision.tower,
+             family.connector_type)
     return summary

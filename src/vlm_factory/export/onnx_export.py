@@ -258,7 +258,8 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                  for role in raw}
         report = {
             "format": "onnx", "tier": tier, "settings": settings, "precision": precision,
-            "exporter": fp32_report["exporter"], "opset": OPSET, "files": files,
+            "family": fp32_report["family"], "variant": fp32_report["variant"], "exporter": fp32_report["exporter"],
+            "opset": OPSET, "files": files,
             "total_bytes": sum(f["file_bytes"] for f in files.values()),
             "ort_total_bytes": (sum(f["ort"]["file_bytes"] for f in files.values()) if settings["ort_format"]
                                 else None),

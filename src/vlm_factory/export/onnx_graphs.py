@@ -1,22 +1,28 @@
-"""ONNX export of a LLaVA checkpoint: three graphs and the config a device needs to run them.
+"""ONNX export of a vision-language checkpoint: three graphs and the config a device needs to run them.
 
 The layout follows ONNX Runtime GenAI's multimodal models (Phi-3-vision, LLaVA-style):
 
     vision.onnx           pixel_values [batch, 3, H, W] -> image_features [batch, image tokens, text hidden]
-                          (tower at the configured feature layer + projector, as LLaVA feeds the LLM)
+                          (the family's `image_features`: tower at its feature layer + connector)
     embedding.onnx        input_ids [batch, sequence] -> inputs_embeds [batch, sequence, text hidden]
     text.onnx             inputs_embeds, attention_mask [batch, past + sequence], position_ids,
                           past_key_values.{i}.key/value [batch, kv heads, past, head dim]
                           -> logits [batch, sequence, vocab], present.{i}.key/value
     genai_config.json     graph file names, input/output names, KV-cache shape, special token ids,
-                          the prompt template and the image preprocessing (pad-to-square colour,
-                          resize, mean/std), so a device app needs no Python and no transformers
+                          the prompt (the family's PromptSpec, from the checkpoint's chat template)
+                          and the image preprocessing (the family's spec: pad-to-square colour,
+                          resize, crop, mean/std), so a device app needs no Python and no transformers
     processor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja
                           the model's own processor files, copied as transformers saves them
 
+Everything model-specific comes from the model family (families/): where the tower, connector,
+embedding table and decoder live, and the facts (heads, KV heads, head size, vocabulary). The
+decoder's output projection is applied as a matrix product with the family's LM-head weight, so a
+checkpoint with tied embeddings (the LM head *is* the embedding table) exports the same way.
+
 Why three graphs and not one: the vision graph runs once per image and the embedding lookup once
 per token, while the decoder runs once per generated token; the app merges image features into the
-token embeddings at the `<image>` positions between the first two and the third, which is also where
+token embeddings at the image-token positions between the first two and the third, which is also where
 a device can cache an image's features. Quantizers treat the three differently too.
 
 Exporter: `torch.onnx.export(dynamo=True)` for all three (torch.export traces the transformers
@@ -25,6 +31,9 @@ modules, DynamicCache included). torch.export specialises any dimension whose sa
 become the graphs' symbolic dims. A past length of 0 (the prompt's prefill) is not a special case:
 the app feeds empty [batch, kv heads, 0, head dim] tensors, and `self_check` runs each written graph
 in onnxruntime at batch 1, sequence 1 and past 0 against PyTorch before the export is accepted.
+
+Checkpoints stored in float16 or bfloat16 (hub snapshots) are exported from float32: the family
+loads every checkpoint in float32, and the tier's precision is applied afterwards (onnx_export.py).
 """
 
 from __future__ import annotations
@@ -37,14 +46,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
+from vlm_factory.families import ModelFamily, family_for
 from vlm_factory.io import atomic_dir, write_json
-from vlm_factory.model.checkpoint import load_checkpoint
-from vlm_factory.model.features import project, tower_features
-from vlm_factory.model.prompt import IMAGE_TOKEN, MAX_ANSWER_TOKENS, user_prompt
+from vlm_factory.model.checkpoint import load_model
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,9 @@ SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST = 2, 3, 4
 # onnxruntime vs PyTorch at fp32, for the self-check at unseen shapes. Measured on the bundled base:
 # ~5e-5 on vision features (SigLIP activations before the post-layernorm reach ~100) and ~1e-5 on logits.
 SELF_CHECK_ATOL = 1e-3
+PROMPT_NOTE = ("replace {question} with the stripped question, repeat image_token image_token_repeat times, "
+               "tokenize with tokenizer.json (special tokens only if add_special_tokens), put image_features "
+               "at those positions")
 
 
 def kv_names(n_layers: int, key: str, value: str) -> list[str]:
@@ -66,40 +77,56 @@ def kv_names(n_layers: int, key: str, value: str) -> list[str]:
     return [pattern % i for i in range(n_layers) for pattern in (key, value)]
 
 
-class VisionGraph(torch.nn.Module):
-    """pixel_values -> projected image features, exactly `project(model, tower_features(model, pixels))`."""
+def _family(model, family: ModelFamily | None) -> ModelFamily:
+    """The family the caller has, or the one of the model's config (callers holding only a model)."""
+    return family if family is not None else family_for(model.config)
 
-    def __init__(self, model: LlavaForConditionalGeneration):
+
+class VisionGraph(torch.nn.Module):
+    """pixel_values -> image features, exactly the family's `image_features(model, pixels)`."""
+
+    def __init__(self, model, family: ModelFamily | None = None):
         super().__init__()
         self.model = model
+        self.family = _family(model, family)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return project(self.model, tower_features(self.model, pixel_values))
+        return self.family.image_features(self.model, pixel_values)
 
 
 class EmbeddingGraph(torch.nn.Module):
-    def __init__(self, model: LlavaForConditionalGeneration):
+    def __init__(self, model, family: ModelFamily | None = None):
         super().__init__()
-        self.embed_tokens = model.get_input_embeddings()
+        self.embed_tokens = _family(model, family).input_embeddings(model)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
 
 class TextGraph(torch.nn.Module):
-    """The Llama decoder + LM head over flat KV-cache tensors (a DynamicCache is built inside the trace)."""
+    """The decoder stack + LM head over flat KV-cache tensors (a DynamicCache is built inside the trace).
 
-    def __init__(self, model: LlavaForConditionalGeneration):
+    The LM head is applied as `hidden @ weight.T (+ bias)` with the weight of the family's `lm_head`:
+    an nn.Linear, or the embedding table itself when the checkpoint ties them (calling an embedding
+    module on hidden states would be a lookup, not a projection).
+    """
+
+    def __init__(self, model, family: ModelFamily | None = None):
         super().__init__()
-        self.decoder = model.model.language_model
-        self.lm_head = model.lm_head
+        parts = _family(model, family).decoder_parts(model)
+        self.decoder = parts.core
+        self.lm_head = parts.lm_head
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
         cache = DynamicCache(ddp_cache_data=[(key, value) for key, value in past_key_values])
         out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=True)
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (self.lm_head(out.last_hidden_state), *present)
+        logits = torch.nn.functional.linear(out.last_hidden_state, self.lm_head.weight,
+                                            getattr(self.lm_head, "bias", None))
+        return (logits, *present)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -117,118 +144,96 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
                           verbose=False)
 
 
-def export_vision(model: LlavaForConditionalGeneration, path: Path) -> None:
-    size = model.config.vision_config.image_size
-    pixels = torch.randn(SAMPLE_BATCH, model.config.vision_config.num_channels, size, size)
-    _export(VisionGraph(model), (pixels,), path, ["pixel_values"], ["image_features"],
+def export_vision(model, path: Path, family: ModelFamily | None = None) -> None:
+    vision = _family(model, family).vision
+    pixels = torch.randn(SAMPLE_BATCH, vision.num_channels, vision.image_size, vision.image_size)
+    _export(VisionGraph(model, family), (pixels,), path, ["pixel_values"], ["image_features"],
             {"pixel_values": {0: "batch"}})
 
 
-def export_embedding(model: LlavaForConditionalGeneration, path: Path) -> None:
-    ids = torch.randint(0, model.config.text_config.vocab_size, (SAMPLE_BATCH, SAMPLE_SEQUENCE))
-    _export(EmbeddingGraph(model), (ids,), path, ["input_ids"], ["inputs_embeds"],
+def export_embedding(model, path: Path, family: ModelFamily | None = None) -> None:
+    ids = torch.randint(0, _family(model, family).text.vocab_size, (SAMPLE_BATCH, SAMPLE_SEQUENCE))
+    _export(EmbeddingGraph(model, family), (ids,), path, ["input_ids"], ["inputs_embeds"],
             {"input_ids": {0: "batch", 1: "sequence"}})
 
 
-def sample_text_inputs(model: LlavaForConditionalGeneration, batch: int, sequence: int, past: int,
-                       generator: torch.Generator | None = None) -> tuple:
+def sample_text_inputs(model, batch: int, sequence: int, past: int, generator: torch.Generator | None = None,
+                       family: ModelFamily | None = None) -> tuple:
     """Random decoder inputs in TextGraph's argument order (no padding: the mask is all ones)."""
-    config = model.config.text_config
-    kv_shape = (batch, config.num_key_value_heads, past, _head_dim(config))
+    text = _family(model, family).text
+    kv_shape = (batch, text.num_kv_heads, past, text.head_dim)
     past_kv = [(torch.randn(kv_shape, generator=generator), torch.randn(kv_shape, generator=generator))
-               for _ in range(config.num_hidden_layers)]
-    return (torch.randn(batch, sequence, config.hidden_size, generator=generator),
+               for _ in range(text.num_layers)]
+    return (torch.randn(batch, sequence, text.hidden_size, generator=generator),
             torch.ones(batch, past + sequence, dtype=torch.int64),
             torch.arange(past, past + sequence).repeat(batch, 1), past_kv)
 
 
-def export_text(model: LlavaForConditionalGeneration, path: Path) -> None:
-    n_layers = model.config.text_config.num_hidden_layers
-    args = sample_text_inputs(model, SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST)
+def export_text(model, path: Path, family: ModelFamily | None = None) -> None:
+    n_layers = _family(model, family).text.num_layers
+    args = sample_text_inputs(model, SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST, family=family)
     kv_axes = {0: "batch", 2: "past_sequence"}
     dynamic = {"inputs_embeds": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                "position_ids": {0: "batch", 1: "sequence"},
                "past_key_values": [(kv_axes, kv_axes) for _ in range(n_layers)]}
     inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n_layers, PAST_KEY, PAST_VALUE)]
-    _export(TextGraph(model), args, path, inputs, ["logits", *kv_names(n_layers, PRESENT_KEY, PRESENT_VALUE)],
-            dynamic)
+    _export(TextGraph(model, family), args, path, inputs,
+            ["logits", *kv_names(n_layers, PRESENT_KEY, PRESENT_VALUE)], dynamic)
 
 
-def _head_dim(text_config) -> int:
-    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+def eos_token_ids(tokenizer, family: ModelFamily) -> list[int]:
+    """The tokenizer's EOS first, then the LLM config's EOS id(s) where they differ (generation stops at any)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config_eos = family.text.eos_token_id
+    for token in config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]:
+        if token is not None and int(token) not in ids:
+            ids.append(int(token))
+    return ids
 
 
-def _size_dict(size) -> dict | None:
-    if size is None:
-        return None
-    items = size.items() if hasattr(size, "items") else vars(size).items()
-    return {k: int(v) for k, v in items if v is not None}
+def genai_config(model, processor, family: ModelFamily | None = None) -> dict:
+    """ORT GenAI-style description of the three graphs, plus the prompt and preprocessing they assume.
 
-
-def image_preprocessing(image_processor) -> dict:
-    """The processor's preprocessing as plain data a device can implement (see runtime/onnx_runtime.py).
-
-    The pad colour is computed as LlavaImageProcessor computes it: int(mean * 255) per channel.
+    `eos_token_id` is one id, or a list when the tokenizer's and the LLM config's differ (ORT GenAI
+    takes either); a runtime stops at any of them.
     """
-    p = image_processor
-    mean = [float(m) for m in p.image_mean]
-    return {
-        "convert_rgb": bool(getattr(p, "do_convert_rgb", True)),
-        "pad_to_square": bool(getattr(p, "do_pad", False)),
-        "pad_color": [int(m * 255) for m in mean],
-        "resize": _size_dict(p.size) if p.do_resize else None,
-        "resample": {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(p.resample), str(p.resample)),
-        "center_crop": _size_dict(p.crop_size) if getattr(p, "do_center_crop", False) else None,
-        "rescale_factor": float(p.rescale_factor) if p.do_rescale else 1.0,
-        "mean": mean if p.do_normalize else [0.0, 0.0, 0.0],
-        "std": [float(s) for s in p.image_std] if p.do_normalize else [1.0, 1.0, 1.0],
-        "layout": "NCHW", "dtype": "float32",
-    }
-
-
-def genai_config(model: LlavaForConditionalGeneration, processor) -> dict:
-    """ORT GenAI-style description of the three graphs, plus the prompt and preprocessing they assume."""
-    config, text = model.config, model.config.text_config
-    tokenizer = processor.tokenizer
-    size = config.vision_config.image_size
+    family = _family(model, family)
+    text, vision, tokenizer = family.text, family.vision, processor.tokenizer
+    eos = eos_token_ids(tokenizer, family)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id
     return {
         "model": {
-            "type": "llava", "vocab_size": text.vocab_size, "context_length": text.max_position_embeddings,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "image_token_id": config.image_token_id,
+            "type": family.name, "vocab_size": text.vocab_size, "context_length": text.max_positions,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": pad, "image_token_id": family.image_token_id,
             "vision": {
-                "filename": VISION_FILE, "num_image_tokens": config.image_seq_length,
-                "image_size": [size, size], "num_channels": config.vision_config.num_channels,
+                "filename": VISION_FILE, "num_image_tokens": family.image_tokens,
+                "image_size": [vision.image_size, vision.image_size], "num_channels": vision.num_channels,
                 "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"},
-                "preprocessing": image_preprocessing(processor.image_processor),
+                "preprocessing": family.preprocessing(processor),
             },
             "embedding": {"filename": EMBEDDING_FILE, "inputs": {"input_ids": "input_ids"},
                           "outputs": {"inputs_embeds": "inputs_embeds"}},
             "decoder": {
-                "filename": TEXT_FILE, "hidden_size": text.hidden_size, "head_size": _head_dim(text),
-                "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
-                "num_hidden_layers": text.num_hidden_layers,
+                "filename": TEXT_FILE, "hidden_size": text.hidden_size, "head_size": text.head_dim,
+                "num_attention_heads": text.num_heads, "num_key_value_heads": text.num_kv_heads,
+                "num_hidden_layers": text.num_layers,
                 "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
                 "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY,
                             "present_value_names": PRESENT_VALUE},
             },
         },
-        "prompt": {
-            "template": user_prompt("{question}"), "image_token": IMAGE_TOKEN,
-            "image_token_repeat": config.image_seq_length, "add_bos": True,
-            "note": "replace {question} with the stripped question, repeat image_token image_token_repeat "
-                    "times, tokenize with tokenizer.json (it adds BOS), put image_features at those positions",
-        },
+        "prompt": {**family.prompt(processor).as_dict(), "note": PROMPT_NOTE},
         "search": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_ANSWER_TOKENS,
-                   "max_length": text.max_position_embeddings},
+                   "max_length": text.max_positions},
     }
 
 
-def export_graphs(model: LlavaForConditionalGeneration, out_dir: Path) -> None:
+def export_graphs(model, out_dir: Path, family: ModelFamily | None = None) -> None:
     for name, export in ((VISION_FILE, export_vision), (EMBEDDING_FILE, export_embedding), (TEXT_FILE, export_text)):
         started = time.perf_counter()
-        export(model, out_dir / name)
+        export(model, out_dir / name, family)
         log.info("exported %s in %.1fs", name, time.perf_counter() - started)
 
 
@@ -248,23 +253,23 @@ def _max_diff(actual: list[np.ndarray], expected) -> float:
 
 
 @torch.no_grad()
-def self_check(model: LlavaForConditionalGeneration, out_dir: Path) -> dict:
+def self_check(model, out_dir: Path, family: ModelFamily | None = None) -> dict:
     """Max abs diff onnxruntime vs PyTorch per graph at shapes the trace did not see (batch 1, past 0)."""
-    config = model.config
-    size = config.vision_config.image_size
+    family = _family(model, family)
+    vision, text = family.vision, family.text
     generator = torch.Generator().manual_seed(0)  # the same inputs every time, and the global RNG left alone
-    pixels = torch.randn(1, config.vision_config.num_channels, size, size, generator=generator)
-    ids = torch.randint(0, config.text_config.vocab_size, (1, 5), generator=generator)
-    text_args = sample_text_inputs(model, 1, 1, 0, generator)
+    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    ids = torch.randint(0, text.vocab_size, (1, 5), generator=generator)
+    text_args = sample_text_inputs(model, 1, 1, 0, generator, family)
     text_feed = dict(zip(["inputs_embeds", "attention_mask", "position_ids"], (t.numpy() for t in text_args[:3])))
-    n_layers = config.text_config.num_hidden_layers
-    text_feed.update(zip(kv_names(n_layers, PAST_KEY, PAST_VALUE), (t.numpy() for kv in text_args[3] for t in kv)))
+    text_feed.update(zip(kv_names(text.num_layers, PAST_KEY, PAST_VALUE),
+                         (t.numpy() for kv in text_args[3] for t in kv)))
     diffs = {
         VISION_FILE: _max_diff(_session(out_dir / VISION_FILE).run(None, {"pixel_values": pixels.numpy()}),
-                               VisionGraph(model)(pixels)),
+                               VisionGraph(model, family)(pixels)),
         EMBEDDING_FILE: _max_diff(_session(out_dir / EMBEDDING_FILE).run(None, {"input_ids": ids.numpy()}),
-                                  EmbeddingGraph(model)(ids)),
-        TEXT_FILE: _max_diff(_session(out_dir / TEXT_FILE).run(None, text_feed), TextGraph(model)(*text_args)),
+                                  EmbeddingGraph(model, family)(ids)),
+        TEXT_FILE: _max_diff(_session(out_dir / TEXT_FILE).run(None, text_feed), TextGraph(model, family)(*text_args)),
     }
     bad = {name: diff for name, diff in diffs.items() if not diff <= SELF_CHECK_ATOL}
     if bad:
@@ -307,17 +312,18 @@ def export_onnx_fp32(model_dir: Path | str, out_dir: Path | str) -> dict:
     except ImportError as exc:
         raise UserError(f"ONNX export needs the onnx extra ({exc.name} is missing): "
                         "pip install -c constraints.txt -e '.[onnx]'") from None
-    model, processor = load_checkpoint(model_dir)
+    family, model, processor = load_model(model_dir)  # float32 whatever the checkpoint's dtype
     started = time.perf_counter()
     with atomic_dir(out_dir) as staging:
-        export_graphs(model, staging)
-        diffs = self_check(model, staging)
+        export_graphs(model, staging, family)
+        diffs = self_check(model, staging, family)
         processor.save_pretrained(staging)
-        write_json(genai_config(model, processor), staging / GENAI_CONFIG)
+        write_json(genai_config(model, processor, family), staging / GENAI_CONFIG)
         files = {role: describe_onnx(staging / name)
                  for role, name in (("vision", VISION_FILE), ("embedding", EMBEDDING_FILE), ("text", TEXT_FILE))}
         report = {
-            "format": "onnx", "precision": "fp32", "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
+            "format": "onnx", "precision": "fp32", "family": family.name, "variant": family.variant,
+            "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
             "files": files, "total_bytes": sum(f["file_bytes"] for f in files.values()),
             "self_check_max_abs_diff": diffs, "tools": tool_versions(),
         }

@@ -9,8 +9,8 @@ INT8 (`precision: int8`):
   quantized. `quant_pre_process` runs first with `skip_symbolic_shape=True`: onnxruntime's symbolic
   shape inference fails on the dynamo decoder's shape arithmetic.
 - vision (`vision.onnx`): static QDQ (`quantize_static`) calibrated on pixel values of N images of
-  the training split, preprocessed exactly as the artifact's genai_config.json says (the runtime
-  adapter's `preprocess`). Weights QInt8 per channel, activations QUInt8 per tensor (MinMax), only
+  the training split, preprocessed exactly as the artifact's genai_config.json says (runtime/preprocess.py,
+  what the runtime adapter runs). Weights QInt8 per channel, activations QUInt8 per tensor (MinMax), only
   at the inputs of MatMul and Conv: the outputs of those ops are left in float
   (`OpTypesToExcludeOutputQuantization`), which onnxruntime runs as MatMulIntegerToFloat. Measured
   on the bundled model (36 images): quantizing those outputs too, i.e. the patch embedding's output,
@@ -44,7 +44,7 @@ import numpy as np
 from vlm_factory.data.images import load_image
 from vlm_factory.errors import UserError
 from vlm_factory.export.onnx_optimize import quiet_loggers
-from vlm_factory.runtime.onnx_runtime import preprocess
+from vlm_factory.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 

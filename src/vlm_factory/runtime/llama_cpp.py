@@ -2,10 +2,12 @@
 
 The adapter talks to libmtmd directly instead of going through llama-cpp-python's chat handlers,
 because those change what the model sees: their Jinja environment trims the newline after a block
-tag (our template has `\\n<image>`) and their sampler applies a repeat penalty of 1.1 even at
-temperature 0. Here the prompt is `model.prompt.user_prompt` with the image placeholder swapped
-for libmtmd's media marker, tokenized by libmtmd (BOS added, as the reference tokenizer does),
-and decoding is a plain argmax over the last logits, so answers compare question by question.
+tag (the bundled template has `\\n<image>`) and their sampler applies a repeat penalty of 1.1 even at
+temperature 0. Here the prompt is the export's PromptSpec (the model family's, rendered from the
+checkpoint's own chat template) with its image token swapped for libmtmd's media marker,
+tokenized by libmtmd with special tokens added exactly when the reference tokenizer adds them
+(`add_special_tokens`), and decoding is a plain argmax over the last logits (runtime/prompting.py's
+greedy loop), so answers compare question by question.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
-from vlm_factory.model.prompt import IMAGE_TOKEN, MAX_ANSWER_TOKENS, user_prompt
+from vlm_factory.families.base import PromptSpec
 from vlm_factory.runtime.gguf_check import open_gguf
+from vlm_factory.runtime.prompting import greedy_tokens
 
 
 KV_CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
@@ -29,11 +32,12 @@ class LlamaCppRuntime:
     """A loaded LLM + mmproj pair.
 
     `kv_cache` is the KV-cache type the device will use (a tier's kv_cache_dtype); "f32" keeps
-    llama.cpp exact for numeric checks (the F16 cache alone moves log-probs by ~5e-3).
+    llama.cpp exact for numeric checks (the F16 cache alone moves log-probs by ~5e-3). `prompt` is
+    the export's PromptSpec (see runtime/open.py); image embeddings need none.
     """
 
     def __init__(self, llm_path: Path, mmproj_path: Path, n_ctx: int = 256, kv_cache: str = "f32",
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, prompt: PromptSpec | None = None):
         import llama_cpp
         from llama_cpp import _logger, mtmd_cpp
 
@@ -63,6 +67,7 @@ class LlamaCppRuntime:
         self._llm._stack.callback(mtmd_cpp.mtmd_free, self._ctx)
         self._marker = mtmd_cpp.mtmd_default_marker().decode()
         self._eos = {self._llm.token_eos()}
+        self._prompt = prompt
 
     def close(self) -> None:
         self._llm.close()
@@ -83,14 +88,15 @@ class LlamaCppRuntime:
             raise RuntimeError("libmtmd could not create a bitmap")
         return bitmap
 
-    def _tokenize(self, text: str, image: Image.Image):
+    def _tokenize(self, text: str, image: Image.Image, add_special: bool = True):
         """libmtmd's chunks (text tokens and image tokens) for `text` with one media marker."""
         mtmd = self._mtmd
         chunks = mtmd.mtmd_input_chunks_init()
         bitmap = self._bitmap(image)
         try:
             encoded = text.encode()
-            source = mtmd.mtmd_input_text(text=encoded, text_len=len(encoded), add_special=True, parse_special=True)
+            source = mtmd.mtmd_input_text(text=encoded, text_len=len(encoded), add_special=add_special,
+                                         parse_special=True)
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
             status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(source), bitmaps, 1)
         finally:
@@ -102,10 +108,14 @@ class LlamaCppRuntime:
 
     def _prefill(self, image: Image.Image, question: str) -> None:
         """Evaluate the prompt (text, image, text) into a fresh KV cache; logits of its last token remain."""
+        if self._prompt is None:
+            raise ValueError("LlamaCppRuntime needs the export's prompt (prompt=PromptSpec) to answer questions")
         llm = self._llm
         llm.reset()
         llm._ctx.kv_cache_clear()
-        chunks = self._tokenize(user_prompt(question).replace(IMAGE_TOKEN, self._marker), image)
+        spec = self._prompt
+        chunks = self._tokenize(spec.render(question).replace(spec.image_token, self._marker), image,
+                                add_special=spec.add_special_tokens)
         try:
             n_past = self._lib.llama_pos(0)
             status = self._mtmd.mtmd_helper_eval_chunks(self._ctx, llm._ctx.ctx, chunks, 0, 0, llm.n_batch, True,
@@ -115,6 +125,14 @@ class LlamaCppRuntime:
         if status != 0:
             raise RuntimeError(f"libmtmd failed to evaluate the prompt (status {status})")
         llm.n_tokens = n_past.value
+
+    def _step(self, token: int) -> np.ndarray:
+        self._llm.eval([token])
+        return self._last_logits()
+
+    def text_token_ids(self, text: str, add_special: bool = True) -> list[int]:
+        """llama.cpp's own tokenization of `text` (special tokens parsed), as libmtmd tokenizes prompt text."""
+        return self._llm.tokenize(text.encode(), add_bos=add_special, special=True)
 
     def _last_logits(self) -> np.ndarray:
         pointer = self._lib.llama_get_logits_ith(self._llm._ctx.ctx, -1)
@@ -132,13 +150,7 @@ class LlamaCppRuntime:
         answers = []
         for image, question in zip(images, questions, strict=True):
             self._prefill(image, question)
-            tokens: list[int] = []
-            for _ in range(MAX_ANSWER_TOKENS):
-                token = int(np.argmax(self._last_logits()))
-                if token in self._eos:
-                    break
-                tokens.append(token)
-                self._llm.eval([token])
+            tokens = greedy_tokens(self._last_logits(), self._step, self._eos)
             answers.append(self._llm.detokenize(tokens).decode("utf-8", errors="replace").strip())
             if progress is not None:
                 progress.update(1)

@@ -1,13 +1,14 @@
 """Answer VQA questions with an ONNX export (vision / embedding / text graphs) in onnxruntime.
 
 Everything the adapter needs comes from the artifact directory, as on a device: the graphs,
-`genai_config.json` (names, KV-cache shape, token ids, prompt template, image preprocessing) and
-the tokenizer files. Preprocessing is done here with PIL and numpy from that config rather than by
-transformers' processor, so the parity gate measures what a device app would compute.
+`genai_config.json` (names, KV-cache shape, token ids, the model's prompt, image preprocessing) and
+the tokenizer files. Preprocessing is done with PIL and numpy from that config (runtime/preprocess.py)
+rather than by transformers' processor, so the parity gate measures what a device app would compute;
+the prompt is the exported PromptSpec (runtime/prompting.py), whatever the model's chat template is.
 
 Decoding is batch 1 and greedy, like the reference: the prompt (image features merged at the
-`<image>` positions) is prefilled against an empty (zero-length) KV cache, then one token at a
-time until EOS or MAX_ANSWER_TOKENS.
+image-token positions) is prefilled against an empty (zero-length) KV cache, then one token at a
+time until an EOS id (the config's `eos_token_id`, one id or a list) or MAX_ANSWER_TOKENS.
 """
 
 from __future__ import annotations
@@ -21,85 +22,22 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
-from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 from vlm_factory.runtime.onnx_check import check_external_data
+from vlm_factory.runtime.preprocess import config_pixel_values
+from vlm_factory.runtime.prompting import greedy_tokens, prompt_from_config, prompt_token_ids
 
-GENAI_CONFIG = "genai_config.json"  # the exporter's name for it (export/onnx_graphs.py); runtimes never import exporters
-RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC}
-
-
-def _resize_target(width: int, height: int, resize: dict) -> tuple[int, int]:
-    """(width, height) after resizing, as transformers computes it for `shortest_edge` or a fixed size."""
-    if "shortest_edge" in resize:
-        short, long = sorted((width, height))
-        new_short, new_long = resize["shortest_edge"], int(resize["shortest_edge"] * long / short)
-        return (new_short, new_long) if width <= height else (new_long, new_short)
-    return resize["width"], resize["height"]
+# The exporter's name for it (export/onnx_graphs.py); runtimes never import exporters.
+GENAI_CONFIG = "genai_config.json"
 
 
-def _center_crop(pixels: np.ndarray, crop: dict) -> np.ndarray:
-    """HWC crop around the centre; the exporter only writes crops no larger than the resized image."""
-    height, width = pixels.shape[:2]
-    top, left = (height - crop["height"]) // 2, (width - crop["width"]) // 2
-    if top < 0 or left < 0:
-        raise UserError(f"centre crop {crop} is larger than the resized image ({width}x{height})")
-    return pixels[top:top + crop["height"], left:left + crop["width"]]
+def eos_ids(value, source: Path) -> set[int]:
+    """The stop tokens of a config's `eos_token_id`: one id or a list of ids (ORT GenAI writes either).
 
-
-def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
-    """One image as [3, H, W] float32: letterbox to square with `pad_color`, resize, crop, rescale, normalise."""
-    if spec.get("convert_rgb", True):
-        image = image.convert("RGB")
-    if spec.get("pad_to_square") and image.width != image.height:
-        side = max(image.size)
-        canvas = Image.new("RGB", (side, side), tuple(spec["pad_color"]))
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
-    if spec.get("resize"):
-        image = image.resize(_resize_target(image.width, image.height, spec["resize"]),
-                             resample=RESAMPLE[spec["resample"]])
-    pixels = np.asarray(image)
-    if spec.get("center_crop"):
-        pixels = _center_crop(pixels, spec["center_crop"])
-    pixels = pixels.astype(np.float64) * spec["rescale_factor"]
-    pixels = (pixels - np.asarray(spec["mean"])) / np.asarray(spec["std"])
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
-
-
-def config_pixel_values(config: dict, image: Image.Image, config_path: Path) -> np.ndarray:
-    """[1, 3, H, W] float32, preprocessed as an export's config (genai_config.json style) describes."""
-    vision = config["model"]["vision"]
-    pixels = preprocess(image, vision["preprocessing"])[None]
-    if list(pixels.shape[2:]) != vision["image_size"]:
-        raise UserError(f"{config_path}: preprocessing makes {pixels.shape[2:]} images, "
-                        f"the vision model takes {vision['image_size']}")
-    return pixels
-
-
-def prompt_token_ids(config: dict, tokenizer, question: str) -> list[int]:
-    """The reference prompt from the config's template, one image token per visual token, tokenized."""
-    prompt = config["prompt"]
-    text = prompt["template"].replace("{question}", question.strip())
-    text = text.replace(prompt["image_token"], prompt["image_token"] * prompt["image_token_repeat"])
-    return tokenizer(text).input_ids
-
-
-def greedy_tokens(logits: np.ndarray, step, eos: set[int]) -> list[int]:
-    """Greedy answer tokens from the prompt's last logits; `step(token)` returns the next logits.
-
-    Stops at EOS or after MAX_ANSWER_TOKENS, like the reference, without running the decoder once more.
-    """
-    tokens: list[int] = []
-    for _ in range(MAX_ANSWER_TOKENS):
-        token = int(np.argmax(logits))
-        if token in eos:
-            break
-        tokens.append(token)
-        if len(tokens) == MAX_ANSWER_TOKENS:
-            break
-        logits = step(token)
-    return tokens
+    An empty list (a model without EOS) answers MAX_ANSWER_TOKENS tokens, as transformers does."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{source}: model.eos_token_id must be a token id or a list of them; got {value!r}")
+    return set(ids)
 
 
 def _session_options(intra_op_threads: int | None):
@@ -145,6 +83,7 @@ class OnnxRuntime:
         self._sessions = {role: _open_session(self.artifact_dir / model[role]["filename"], options, providers)
                           for role in ("vision", "embedding", "decoder")}
         self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)
+        self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
         decoder = model["decoder"]
         self._kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
         self._past_names = [decoder["inputs"][kind] % i for i in range(decoder["num_hidden_layers"])
@@ -153,7 +92,7 @@ class OnnxRuntime:
             decoder["outputs"][kind] % i for i in range(decoder["num_hidden_layers"])
             for kind in ("present_key_names", "present_value_names")]
         self._inputs = decoder["inputs"]
-        self._eos = {model["eos_token_id"]}
+        self._eos = eos_ids(model.get("eos_token_id"), config_path)
         self._image_token_id = model["image_token_id"]
 
     def close(self) -> None:
@@ -172,7 +111,7 @@ class OnnxRuntime:
         return config_pixel_values(self.config, image, self.artifact_dir / GENAI_CONFIG)
 
     def _prompt_ids(self, question: str) -> np.ndarray:
-        return np.asarray([prompt_token_ids(self.config, self.tokenizer, question)], dtype=np.int64)
+        return np.asarray([prompt_token_ids(self.prompt, self.tokenizer, question)], dtype=np.int64)
 
     def _embed(self, input_ids: np.ndarray) -> np.ndarray:
         io = self.config["model"]["embedding"]
@@ -217,20 +156,24 @@ class OnnxRuntime:
         """Logits over the vocabulary for the first answer token."""
         return self._prefill(image, question)[0].copy()
 
+    def answer_tokens(self, image: Image.Image, question: str) -> list[int]:
+        """The greedy answer's token ids (EOS not included), at most MAX_ANSWER_TOKENS."""
+        logits, past, length = self._prefill(image, question)
+        state = {"past": past, "length": length}
+
+        def step(token: int) -> np.ndarray:
+            logits, state["past"] = self._decode(self._embed(np.asarray([[token]], dtype=np.int64)),
+                                                 state["past"], state["length"])
+            state["length"] += 1
+            return logits
+
+        return greedy_tokens(logits, step, self._eos)
+
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
         """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
         answers = []
         for image, question in zip(images, questions, strict=True):
-            logits, past, length = self._prefill(image, question)
-            state = {"past": past, "length": length}
-
-            def step(token: int) -> np.ndarray:
-                logits, state["past"] = self._decode(self._embed(np.asarray([[token]], dtype=np.int64)),
-                                                     state["past"], state["length"])
-                state["length"] += 1
-                return logits
-
-            tokens = greedy_tokens(logits, step, self._eos)
+            tokens = self.answer_tokens(image, question)
             answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress is not None:
                 progress.update(1)

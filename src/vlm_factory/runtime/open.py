@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_factory.artifacts import read_export_report
+from vlm_factory.artifacts import EXPORT_REPORT, read_export_report
 from vlm_factory.errors import UserError
 
 
@@ -15,10 +15,12 @@ def open_runtime(fmt: str, artifact_dir: Path, *, context_tokens: int, kv_cache:
         raise UserError(f"{artifact_dir}: holds a {report.get('format')!r} export, not {fmt!r}")
     if fmt == "gguf":
         from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
+        from vlm_factory.runtime.prompting import prompt_from_config
 
         files = report["files"]
+        prompt = prompt_from_config(report.get("prompt"), artifact_dir / EXPORT_REPORT)
         return LlamaCppRuntime(artifact_dir / files["llm"]["file"], artifact_dir / files["mmproj"]["file"],
-                               n_ctx=context_tokens, kv_cache=kv_cache)
+                               n_ctx=context_tokens, kv_cache=kv_cache, prompt=prompt)
     if fmt == "onnx":
         from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 
