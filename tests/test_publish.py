@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from vlm_factory.config import load_params
 from vlm_factory.errors import GateFailed, UserError
-from vlm_factory.publish.release import check_release
+from vlm_factory.publish.release import check_release, files_root, read_manifest
 from vlm_factory.publish.run import publish_tiers, split_release_uri
 from vlm_factory.publish.store import FileStore, S3Store
 
@@ -99,14 +99,18 @@ def test_full_publish_to_s3_is_verified_and_moves_latest(release_inputs, s3_endp
     assert release["uri"] == f"s3://{bucket}/vlm/{prefix}" and release["formats"] == ["gguf", "onnx"]
     assert check_release(store, prefix) == []
     manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+    root = f"{prefix}/{manifest['upload']}"  # the release's files live below its upload prefix
     local = release_inputs["export_root"] / TIER / "onnx" / "text.onnx"  # 11 MiB: a multipart upload
     assert manifest["files"]["onnx/text.onnx"]["size"] == local.stat().st_size == 11 * 2**20
-    assert store.sha256(f"{prefix}/onnx/text.onnx") == manifest["files"]["onnx/text.onnx"]["sha256"]
+    assert store.sha256(f"{root}/onnx/text.onnx") == manifest["files"]["onnx/text.onnx"]["sha256"]
     assert {"README.md", "budget.json", "parity/gguf.json", "parity/onnx.json"} <= set(manifest["files"])
     assert manifest["parity"]["gguf"]["passed"] is True and manifest["model"]["sha256"]
     assert manifest["tools"] == {"gguf": {"gguf": "1.0"}, "onnx": {"onnx": "1.0"}}
-    assert json.loads(store.get_bytes(f"{TIER}/latest.json"))["version"] == release["version"]
-    card = store.get_bytes(f"{prefix}/README.md").decode()
+    latest = json.loads(store.get_bytes(f"{TIER}/latest.json"))
+    assert latest == {"version": release["version"], "manifest": f"{prefix}/manifest.json", "files": root}
+    assert sorted(store.keys(prefix)) == sorted([f"{prefix}/manifest.json"]
+                                                + [f"{root}/{name}" for name in manifest["files"]])
+    card = store.get_bytes(f"{root}/README.md").decode()
     assert "| gguf | 86.00 % | 87.00 % | -1.00" in card and "llm-Q4_K_M.gguf" in card
 
 
@@ -159,7 +163,8 @@ def test_verify_catches_a_corrupted_object(release_inputs, s3_endpoint, bucket):
     cli = [sys.executable, "-m", "vlm_factory.cli", "verify", uri, "--endpoint-url", s3_endpoint]
     ok = subprocess.run(cli, capture_output=True, text=True)
     assert ok.returncode == 0 and "every file matches" in ok.stdout
-    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key=f"vlm/{prefix}/gguf/mmproj-Q8_0.gguf",
+    root = files_root(prefix, read_manifest(store, prefix))
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key=f"vlm/{root}/gguf/mmproj-Q8_0.gguf",
                                                            Body=b"tampered")
     bad = subprocess.run(cli, capture_output=True, text=True)
     assert bad.returncode == 1
@@ -182,8 +187,28 @@ def test_file_store_release_and_tampering(release_inputs, tmp_path):
     store = FileStore(tmp_path / "releases")
     prefix = split_release_uri(_publish(release_inputs, store)["releases"][TIER]["uri"])[1]
     assert check_release(store, prefix) == []
-    (tmp_path / "releases" / prefix / "gguf" / "extra.bin").write_bytes(b"x")
-    (tmp_path / "releases" / prefix / "budget.json").write_text("{}")
+    root = tmp_path / "releases" / files_root(prefix, read_manifest(store, prefix))
+    (root / "gguf" / "extra.bin").write_bytes(b"x")
+    (root / "budget.json").write_text("{}")
     problems = check_release(store, prefix)
     assert any("budget.json: sha256" in p for p in problems)
     assert any("gguf/extra.bin: not in the manifest" in p for p in problems)
+
+
+def test_a_release_from_before_upload_prefixes_still_verifies(tmp_path):
+    """Older releases keep their files directly in <tier>/<version>/ and have no "upload" in the manifest."""
+    from vlm_factory.publish.bundle import Bundle
+    from vlm_factory.publish.release import manifest_bytes_of, publish_bundle
+
+    store = FileStore(tmp_path / "releases")
+    (tmp_path / "budget.json").write_text("{}")
+    bundle = Bundle(TIER, files={"budget.json": tmp_path / "budget.json"}, generated={"README.md": b"card"})
+    manifest = {"tier": TIER, "version": "0.9.0", "files": bundle.entries()}
+    store.put_file(f"{TIER}/0.9.0/budget.json", tmp_path / "budget.json")
+    store.put_bytes(f"{TIER}/0.9.0/README.md", b"card")
+    store.put_bytes(f"{TIER}/0.9.0/manifest.json", manifest_bytes_of(manifest))
+    assert check_release(store, f"{TIER}/0.9.0") == []
+    assert publish_bundle(store, bundle, manifest) == "unchanged"
+    assert json.loads(store.get_bytes(f"{TIER}/latest.json"))["files"] == f"{TIER}/0.9.0"
+    store.put_bytes(f"{TIER}/0.9.0/extra.bin", b"x")
+    assert check_release(store, f"{TIER}/0.9.0") == ["extra.bin: not in the manifest"]

@@ -105,6 +105,19 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{args.release}: every file matches manifest.json")
 
 
+def _gc(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    from vlm_factory.publish.gc import collect_garbage, format_report
+    from vlm_factory.publish.store import open_store
+
+    if args.grace_hours < 0:
+        raise UserError(f"--grace-hours {args.grace_hours}: must not be negative")
+    store = open_store(args.store, args.endpoint_url, args.region)
+    report = collect_garbage(store, grace=timedelta(hours=args.grace_hours), delete=args.delete)
+    print(format_report(report, store.uri))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-factory", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--endpoint-url", default=None, help="S3 API endpoint (credentials: the AWS chain)")
     verify.add_argument("--region", default=None)
     verify.set_defaults(func=_verify)
+
+    gc = sub.add_parser("gc", help="list upload prefixes no release manifest references (killed or losing "
+                                   "publishes); --delete removes them")
+    gc.add_argument("store", help="the store publish.uri names, e.g. s3://my-bucket/vlm-factory or "
+                                  "file://artifacts/releases")
+    gc.add_argument("--delete", action="store_true", help="delete the orphans (default: a dry run that lists them)")
+    gc.add_argument("--grace-hours", type=float, default=1.0,
+                    help="leave uploads written to within this many hours alone: they may still be in flight")
+    gc.add_argument("--endpoint-url", default=None, help="S3 API endpoint (credentials: the AWS chain)")
+    gc.add_argument("--region", default=None)
+    gc.set_defaults(func=_gc)
     return parser
 
 

@@ -1,13 +1,14 @@
 """A tier's release bundle: its gated artifacts, their parity reports, its budget, a manifest and a model card.
 
-Layout of a release (`<tier>/<version>/` in the store):
+Files of a release (in the store below `<tier>/<version>/<upload prefix>/`, see release.py):
 
     <format>/...            every file of the tier's export of that format
     parity/<format>.json    the verdict that let it through
     budget.json             the tier's memory budget
     README.md               the model card
-    manifest.json           sha256 and size of every file above; model, data and params hashes, git commit,
-                            tool versions, parity results, budget; written last
+
+and `<tier>/<version>/manifest.json`: sha256 and size of every file above; model, data and params
+hashes, git commit, tool versions, parity results, budget, the upload prefix; written last.
 
 The version is `publish.version` when set; otherwise it is derived from the content (the files'
 hashes), so republishing identical artifacts is a no-op and anything different is a new version.

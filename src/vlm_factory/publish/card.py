@@ -62,7 +62,8 @@ def model_card(manifest: dict, description: str, prompt_template: str) -> str:
         f"- model sha256 `{manifest['model']['sha256']}`, data sha256 `{manifest['data']['sha256']}`, "
         f"params sha256 `{manifest['params']['sha256']}`",
         f"- git commit `{manifest['git_commit']}`, built {manifest['created']}",
-        "- every file's sha256 and size: `manifest.json`; check them with `vlm-factory verify <release-uri>`",
+        "- every file's sha256 and size: the release's `manifest.json`, one folder up (`../manifest.json`); "
+        "check them with `vlm-factory verify <release-uri>`",
         "",
     ]
     return "\n".join(lines)

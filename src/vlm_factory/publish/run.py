@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -48,8 +47,7 @@ def publish_tiers(params: Params, *, export_root: Path, parity_dir: Path, budget
                                   data_dir=data_dir, params_path=params_path, repo=repo)
         bundle.generated[CARD] = model_card(manifest, tier_cfg.description, prompt_template).encode()
         manifest["files"] = bundle.entries()
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-        outcome = publish_bundle(store, bundle, manifest_bytes)
+        outcome = publish_bundle(store, bundle, manifest)
         prefix = release_prefix(tier, version)
         record["releases"][tier] = {"uri": f"{store.uri}/{prefix}", "version": version, "formats": formats,
                         "files": len(manifest["files"]) + 1, "verified": True,
