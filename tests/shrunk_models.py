@@ -91,9 +91,11 @@ def _save(model, processor, out: Path, layout: str) -> Path:
     return out
 
 
-def llava15_clip_llama(out: Path, layout: str = "hub", seed: int = 0) -> Path:
+def llava15_clip_llama(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int = 256,
+                       text_intermediate: int = 512) -> Path:
     """llava-hf/llava-1.5-7b-hf shrunk: CLIP ViT-L/14-336 (CLS, quick GELU, feature layer -2,
-    `default` strategy), LLaMA-2 (SentencePiece-style BPE, BOS), 64 embedding rows past the tokenizer."""
+    `default` strategy), LLaMA-2 (SentencePiece-style BPE, BOS), 64 embedding rows past the tokenizer.
+    `text_hidden` (a multiple of 8: 4 heads of even size) / `text_intermediate` shrink the LLM further."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -101,8 +103,9 @@ def llava15_clip_llama(out: Path, layout: str = "hub", seed: int = 0) -> Path:
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                               image_size=56, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                               projection_dim=64)
-    text = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=len(tokenizer) + 64, max_position_embeddings=512,
+    text = LlamaConfig(hidden_size=text_hidden, intermediate_size=text_intermediate, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer) + 64,
+                       max_position_embeddings=512,
                        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -120,18 +123,21 @@ def llava15_clip_llama(out: Path, layout: str = "hub", seed: int = 0) -> Path:
     return _save(model, processor, out, layout)
 
 
-def llava_interleave_qwen2(out: Path, layout: str = "hub", seed: int = 0) -> Path:
+def llava_interleave_qwen2(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int = 896,
+                           text_intermediate: int = 1152) -> Path:
     """llava-hf/llava-interleave-qwen-0.5b-hf shrunk: SigLIP (no CLS, `full`, last layer), Qwen2 with
     GQA (14 query / 2 KV heads), QKV bias, tied embeddings, width 896 (no K-quant blocks), ChatML,
-    embedding rows past the tokenizer."""
+    embedding rows past the tokenizer. `text_hidden` (a multiple of 28: 14 heads of even size) /
+    `text_intermediate` shrink the LLM further (the default width is the real model's)."""
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config,
                               SiglipImageProcessor, SiglipVisionConfig)
 
     tokenizer = _qwen2_tokenizer(400)
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=56, patch_size=14, vision_use_head=False)
-    text = Qwen2Config(hidden_size=896, intermediate_size=1152, num_hidden_layers=2, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=len(tokenizer) + 48, max_position_embeddings=1024,
+    text = Qwen2Config(hidden_size=text_hidden, intermediate_size=text_intermediate, num_hidden_layers=2,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=len(tokenizer) + 48,
+                       max_position_embeddings=1024,
                        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                        tie_word_embeddings=True, bos_token_id=None,
                        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

@@ -19,6 +19,7 @@ from conftest import BUNDLED_BASE
 ct = pytest.importorskip("coremltools")
 
 SETTINGS = {"granularity": "per_grouped_channel", "group_size": 16}
+CONTEXT = 2048  # tiers.iphone15pro.context_tokens; the bundled base's 256 positions bound it
 WEIGHT_ATOL_8BIT = 0.02
 COSINE_FLOOR_4BIT = 0.98
 AGREEMENT_FLOOR_4BIT = 0.85
@@ -37,7 +38,8 @@ def export(tmp_path_factory):
 
     def run(nbits: int):
         out = tmp_path_factory.mktemp(f"coreml{nbits}") / "artifact"
-        report = export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": nbits, **SETTINGS}, check_images=2)
+        report = export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": nbits, **SETTINGS}, check_images=2,
+                               context_tokens=CONTEXT)
         return out, report
 
     cache = {}
@@ -59,13 +61,15 @@ def _eval_items(data_dir, count=36):
 
 def test_decoder_module_matches_hf(reference):
     """The traced decoder (KV cache in buffers) computes what LlavaForConditionalGeneration's LLM computes."""
-    from vlm_factory.export.coreml_export import _Decoder
+    from vlm_factory.export.static_cache import StatefulDecoder
+    from vlm_factory.families import family_for
 
     model, _ = reference
-    decoder = _Decoder(model, 32).eval()
+    parts = family_for(model.config).decoder_parts(model)
+    decoder = StatefulDecoder(parts, 32).eval()
     embeds = torch.randn(1, 7, model.config.text_config.hidden_size) * 0.1
     with torch.no_grad():
-        want = model.lm_head(model.model.language_model(inputs_embeds=embeds).last_hidden_state)
+        want = parts.lm_head(parts.core(inputs_embeds=embeds).last_hidden_state)
         mask = torch.triu(torch.full((5, 5), float("-inf")), 1)[None, None]
         first = decoder(embeds[:, :5], torch.arange(5, dtype=torch.int32)[None], mask)
         steps = [decoder(embeds[:, i:i + 1], torch.tensor([[i]], dtype=torch.int32), torch.zeros(1, 1, 1, i + 1))
@@ -127,15 +131,16 @@ def test_bad_nbits_is_one_line_and_leaves_nothing(tmp_path):
 
     out = tmp_path / "artifact"
     with pytest.raises(UserError) as info:
-        export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": 3, **SETTINGS})
+        export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": 3, **SETTINGS}, context_tokens=CONTEXT)
     message = str(info.value)
     assert "targets.coreml.iphone15pro.nbits" in message and "\n" not in message
     assert not out.exists() and not list(tmp_path.iterdir())
     with pytest.raises(UserError, match="targets.coreml.iphone15pro.group_size"):
         export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": 4, "granularity": "per_grouped_channel",
-                                                         "group_size": 0})
+                                                         "group_size": 0}, context_tokens=CONTEXT)
     with pytest.raises(UserError, match="targets.coreml.iphone15pro.granularity"):
-        export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": 4, "granularity": "per_block"})
+        export_coreml(BUNDLED_BASE, out, "iphone15pro", {"nbits": 4, "granularity": "per_block"},
+                      context_tokens=CONTEXT)
 
 
 @pytest.mark.skipif(platform.system() != "Darwin",

@@ -19,6 +19,7 @@ pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
 pytest.importorskip("litert_torch", reason="litert-torch is not installed")
 
 TIER = "android_flagship"
+CONTEXT = 4096  # tiers.android_flagship.context_tokens; the bundled base's 256 positions bound it
 # Measured on the bundled base (LiteRT 2.3 / litert-torch 0.10 vs torch 2.13, CPU, 2 threads):
 VISION_ATOL_FP32 = 5e-4      # image features (|features| up to ~60): measured 3.1e-5 .. 6.1e-5
 VISION_COSINE_FP16 = 0.999   # fp16 weights: measured cosine > 0.999999 on all three aspects (gate floor 0.99)
@@ -33,7 +34,7 @@ def _export(tmp_path_factory, precision):
     from vlm_factory.export.tflite_export import export_tflite
 
     out = tmp_path_factory.mktemp("tflite") / f"tflite-{precision}"
-    return out, export_tflite(BUNDLED_BASE, out, TIER, {"precision": precision})
+    return out, export_tflite(BUNDLED_BASE, out, TIER, {"precision": precision}, context_tokens=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +207,7 @@ def test_bad_settings_are_one_line_errors_and_write_nothing(tmp_path, settings, 
 
     out = tmp_path / "tflite"
     with pytest.raises(UserError) as info:
-        export_tflite(BUNDLED_BASE, out, TIER, settings)
+        export_tflite(BUNDLED_BASE, out, TIER, settings, context_tokens=CONTEXT)
     message = str(info.value)
     assert key in message and "\n" not in message
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -1,8 +1,8 @@
 """Answer VQA questions with a TFLite export (vision.tflite, decoder.tflite, embedding.npy) in LiteRT.
 
 Everything comes from the artifact directory, as on a device: `tflite_config.json` (file, signature
-and tensor names, cache shape, token ids, prompt template, image preprocessing) and the tokenizer
-files. Preprocessing is the ONNX runtime's numpy/PIL implementation of the same spec.
+and tensor names, cache shape, token ids, the model family's prompt and image preprocessing spec) and
+the tokenizer files. Preprocessing is runtime/preprocess.py's numpy/PIL implementation of the spec.
 
 Decoding is batch 1 and greedy, like the reference: the prompt (image features merged at the
 `<image>` positions) is prefilled in static chunks of `prefill_length` positions into a zeroed
@@ -21,7 +21,8 @@ from PIL import Image
 
 from vlm_factory.errors import UserError
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-from vlm_factory.runtime.onnx_runtime import config_pixel_values, greedy_tokens, prompt_token_ids
+from vlm_factory.runtime.preprocess import config_pixel_values
+from vlm_factory.runtime.prompting import greedy_tokens, prompt_from_config, prompt_token_ids
 
 TFLITE_CONFIG = "tflite_config.json"  # the exporter's name for it; runtimes never import exporters
 
@@ -60,10 +61,12 @@ class TFLiteRuntime:
             raise UserError(f"{table_path}: missing from the TFLite export; re-run its export")
         self._table = np.load(table_path).astype(np.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)
+        self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
         self._cache_shape = tuple(decoder["kv_cache_shape"])
         self._chunk = int(decoder["prefill_length"])
         self._max_context = int(decoder["max_context"])
-        self._eos = {model["eos_token_id"]}
+        eos = model["eos_token_id"]
+        self._eos = set(eos) if isinstance(eos, list) else {eos}
         self._image_token_id = model["image_token_id"]
 
     def close(self) -> None:
@@ -83,7 +86,7 @@ class TFLiteRuntime:
         return config_pixel_values(self.config, image, self.artifact_dir / TFLITE_CONFIG)
 
     def _prompt_ids(self, question: str) -> np.ndarray:
-        return np.asarray(prompt_token_ids(self.config, self.tokenizer, question), dtype=np.int64)
+        return np.asarray(prompt_token_ids(self.prompt, self.tokenizer, question), dtype=np.int64)
 
     def _prefill(self, image: Image.Image, question: str):
         ids = self._prompt_ids(question)
@@ -130,19 +133,23 @@ class TFLiteRuntime:
         """Logits over the vocabulary for the first answer token."""
         return np.array(self._prefill(image, question)[0], copy=True)
 
+    def answer_tokens(self, image: Image.Image, question: str) -> list[int]:
+        """Greedy answer token ids for one (image, question), EOS excluded, at most MAX_ANSWER_TOKENS."""
+        logits, cache, length = self._prefill(image, question)
+        state = {"cache": cache, "length": length}
+
+        def step(token: int) -> np.ndarray:
+            logits, state["cache"] = self._decode(token, state["cache"], state["length"])
+            state["length"] += 1
+            return logits
+
+        return greedy_tokens(logits, step, self._eos)
+
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
         """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
         answers = []
         for image, question in zip(images, questions, strict=True):
-            logits, cache, length = self._prefill(image, question)
-            state = {"cache": cache, "length": length}
-
-            def step(token: int) -> np.ndarray:
-                logits, state["cache"] = self._decode(token, state["cache"], state["length"])
-                state["length"] += 1
-                return logits
-
-            tokens = greedy_tokens(logits, step, self._eos)
+            tokens = self.answer_tokens(image, question)
             answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             if progress is not None:
                 progress.update(1)
