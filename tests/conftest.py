@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,26 @@ def synthetic_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
     build_dataset(out, seed=7, splits={"train": (90, 4), "eval": (36, 2)}, cell_px=32)
     return out
+
+
+@contextlib.contextmanager
+def moto_s3_endpoint():
+    """moto in server mode on a free localhost port (boto3 talks HTTP to it like to S3), with test
+    credentials in the environment for as long as it runs."""
+    from moto import server as moto_server
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -160,3 +160,18 @@ def llava_interleave_qwen2(out: Path, layout: str = "hub", seed: int = 0, text_h
 
 
 VARIANTS = {"llava15_clip_llama": llava15_clip_llama, "llava_interleave_qwen2": llava_interleave_qwen2}
+
+
+# Square, tall (1:2.5) and wide (2.4:1) test images: letterbox, centre crop and plain resize differ on them.
+IMAGE_SIZES = {"square": (90, 90), "tall": (40, 100), "wide": (150, 63)}
+
+
+def gradient_image(width: int, height: int, seed: int):
+    """Smooth gradients plus noise: resampling differences show up, unlike on flat colour."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7.0)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))

@@ -24,9 +24,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from shrunk_models import VARIANTS
+from shrunk_models import IMAGE_SIZES, VARIANTS, gradient_image
 from vlm_factory.errors import UserError
 
 pytestmark = [pytest.mark.family_format("llava", "coreml"), pytest.mark.family_format("llava", "tflite"),
@@ -43,7 +42,6 @@ COREML_TIER, COREML_CONTEXT = "iphone15pro", 2048         # max positions (512, 
 COREML_SETTINGS = {"nbits": 8, "granularity": "per_tensor"}  # one 256-entry LUT per weight: kmeans1d-free
 #                                                             per-tensor k-means is the cheapest 8-bit route
 QUESTION = "What color is the circle?"
-IMAGE_SIZES = {"square": (90, 90), "tall": (40, 100), "wide": (150, 63)}
 # Measured (torch 2.13, LiteRT 2.3 / litert-torch 0.10, coremltools 9.0, x86 CPU), stated per variant as
 # (Llama, Qwen2). What a wrong graph or a swapped image makes, for scale: image features of two different
 # images have cosine 0.2-0.8 (relative max diff > 0.6), first-token logits move 0.21-0.35 (Llama) and
@@ -64,17 +62,9 @@ COREML_LOGITS_ATOL = 0.025      # first-token logits vs transformers: <= 0.011, 
 #                                 as a 0.6 % weight error through a few layers makes); and below half of what an
 #                                 image swap makes, checked per image against the other images' logits
 
-def _image(width: int, height: int, seed: int) -> Image.Image:
-    """Smooth gradients plus noise: resampling differences show up, unlike on flat colour."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7.0)], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def images():
-    return {aspect: _image(*size, seed=i) for i, (aspect, size) in enumerate(IMAGE_SIZES.items())}
+    return {aspect: gradient_image(*size, seed=i) for i, (aspect, size) in enumerate(IMAGE_SIZES.items())}
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -264,7 +254,7 @@ def test_a_context_too_small_for_one_image_is_refused(checkpoint, fmt, tmp_path)
 
     v = checkpoint
     spec = v.family.prompt(v.processor)
-    needed = len(v.processor(text=spec.render(""), images=[_image(56, 56, 0)]).input_ids[0]) + MAX_ANSWER_TOKENS
+    needed = len(v.processor(text=spec.render(""), images=[gradient_image(56, 56, 0)]).input_ids[0]) + MAX_ANSWER_TOKENS
     out = tmp_path / fmt
     with pytest.raises(UserError) as info:
         if fmt == "tflite":

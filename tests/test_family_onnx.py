@@ -22,9 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from shrunk_models import VARIANTS
+from shrunk_models import IMAGE_SIZES, VARIANTS, gradient_image
 
 pytestmark = pytest.mark.family_format("llava", "onnx")
 
@@ -33,7 +32,6 @@ pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
 
 QUESTION = "What color is the circle?"
 # (width, height): a downscale, an upscale and a non-integer ratio, so resize and crop are exercised.
-IMAGE_SIZES = {"square": (90, 90), "tall": (40, 100), "wide": (150, 63)}
 # Measured (onnxruntime 1.31.1 vs torch 2.13, x86 CPU, fp32):
 PIXELS_ATOL = 1e-5       # runtime's PIL/numpy preprocessing vs the HF processor: 2.4e-7 (CLIP), 5.9e-8 (SigLIP),
 #                          float rounding only; a one-pixel crop shift or another resample filter makes ~1e-1
@@ -45,17 +43,9 @@ INT8_FEATURE_COSINE = 0.995  # per-image cosine of the flattened features, min o
 INT8_LOGPROB_ATOL = 0.1      # |Δ log p| of transformers' first token, max over 3 images: measured 0.011
 
 
-def _image(width: int, height: int, seed: int) -> Image.Image:
-    """Smooth gradients plus noise: resampling differences show up, unlike on flat colour."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7.0)], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def images():
-    return {aspect: _image(*size, seed=i) for i, (aspect, size) in enumerate(IMAGE_SIZES.items())}
+    return {aspect: gradient_image(*size, seed=i) for i, (aspect, size) in enumerate(IMAGE_SIZES.items())}
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -124,7 +114,7 @@ def test_prompt_ids_match_the_hf_processor(variant):
     """The exported PromptSpec tokenizes as LlavaProcessor expands the chat template's image token."""
     v = variant
     spec = v.family.prompt(v.processor)
-    expected = v.processor(text=spec.render(QUESTION), images=[_image(56, 56, 0)]).input_ids
+    expected = v.processor(text=spec.render(QUESTION), images=[gradient_image(56, 56, 0)]).input_ids
     assert v.runtime._prompt_ids(QUESTION).tolist() == expected
 
 

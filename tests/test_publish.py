@@ -1,7 +1,6 @@
 """Gated release publishing: a real S3 API over HTTP (moto's server, started here) and the file:// store."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,8 @@ from vlm_factory.publish.release import check_release, files_root, read_manifest
 from vlm_factory.publish.run import publish_tiers, split_release_uri
 from vlm_factory.publish.store import FileStore, S3Store
 
+from conftest import moto_s3_endpoint
+
 boto3 = pytest.importorskip("boto3", reason="the s3 extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
@@ -24,20 +25,8 @@ BUCKET = "releases"
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto in server mode on a free localhost port: boto3 talks HTTP to it like to S3."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3_endpoint() as url:
+        yield url
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -29,6 +28,8 @@ from vlm_factory.publish.bundle import Bundle, artifact_entries
 from vlm_factory.publish.gc import collect_garbage
 from vlm_factory.publish.release import check_release, files_root, new_upload_id, publish_bundle, read_manifest
 from vlm_factory.publish.store import FileStore, S3Store
+
+from conftest import moto_s3_endpoint
 
 boto3 = pytest.importorskip("boto3", reason="the s3 extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
@@ -46,9 +47,6 @@ def s3_endpoint():
     moto checks If-None-Match and then writes without a lock, so two racing conditional writes
     can both succeed there; S3 itself guarantees one winner. Serialising moto's PutObject gives
     these tests S3's guarantee, so that they test this project's side of the race, not moto's."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     lock = threading.Lock()
     unlocked = moto_s3_responses.S3Response.put_object
 
@@ -58,16 +56,8 @@ def s3_endpoint():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(moto_s3_responses.S3Response, "put_object", put_object)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-        server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        with moto_s3_endpoint() as url:
+            yield url
 
 
 @pytest.fixture

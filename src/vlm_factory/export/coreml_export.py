@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch
 
 from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
+from vlm_factory.export.tool_versions import package_versions
 from vlm_factory.export.coreml_convert import (convert, describe, package_entry, palettize, parameter_names,
                                                resolve_weights, used_parameters, weight_map)
 from vlm_factory.export.context import static_context
@@ -75,26 +75,6 @@ def coreml_settings(settings, tier: str) -> dict:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise UserError(f"key '{key}.group_size' must be a positive integer; got {group_size!r}")
     return {"nbits": int(nbits), "granularity": granularity, "group_size": group_size}
-
-
-def tool_versions() -> dict:
-    versions = {}
-    for package in ("coremltools", "torch", "transformers"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
-def tool_versions() -> dict:
-    versions = {}
-    for package in ("coremltools", "torch", "transformers"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def preprocessing_text(spec: dict) -> str:
@@ -194,7 +174,7 @@ def export_coreml(model_dir: Path, out_dir: Path, tier: str, settings: dict, dat
     metadata = {"vlm_factory.tier": tier, "vlm_factory.family": family.name, "vlm_factory.variant": family.variant,
                 "vlm_factory.nbits": settings["nbits"], "vlm_factory.granularity": settings["granularity"],
                 "vlm_factory.group_size": settings["group_size"],
-                **{f"tools.{k}": v for k, v in tool_versions().items()}}
+                **{f"tools.{k}": v for k, v in package_versions("coremltools", "torch", "transformers").items()}}
 
     vision_ml, vision_weights, tokens, unused_vision, constants = _convert_vision(ct, family, model, settings,
                                                                                  metadata, spec_text)
@@ -249,7 +229,7 @@ def export_coreml(model_dir: Path, out_dir: Path, tier: str, settings: dict, dat
                   "decoder": {"stateful": True, "kv_cache": "ct.StateType float16", "max_context": max_context,
                               "tied_embeddings": bool(tied)},
                   "preprocessing": spec_text, "minimum_deployment_target": "iOS18",
-                  "compute_precision": "float16", "checks": checks, "tools": tool_versions()}
+                  "compute_precision": "float16", "checks": checks, "tools": package_versions("coremltools", "torch", "transformers")}
         write_json(report, staging / EXPORT_REPORT)
     log.info("coreml %d-bit for %s: %.1f MiB, vision cosine vs torch >= %.4f, in %.1fs", settings["nbits"], tier,
              report["total_bytes"] / 2**20, checks["vision_cosine_vs_torch"]["min"], time.perf_counter() - started)

@@ -41,8 +41,9 @@ from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import read_jsonl
 from vlm_factory.errors import UserError
-from vlm_factory.export.onnx_graphs import (GENAI_CONFIG, OPSET, SELF_CHECK_ATOL, describe_onnx, export_onnx_fp32,
-                                            tool_versions)
+from vlm_factory.export.tool_versions import package_versions
+from vlm_factory.export.onnx_graphs import (GENAI_CONFIG, ONNX_TOOLS, OPSET, SELF_CHECK_ATOL, describe_onnx,
+                                            export_onnx_fp32)
 from vlm_factory.export.onnx_optimize import (cpu_fallback_ops, fusions_applied, max_abs_diff, op_histogram,
                                               ort_optimize, run_graph, to_ort_format, transformer_fusions)
 from vlm_factory.export.onnx_quantize import (calibration_pixels, convert_fp16, quantize_decoder_dynamic,
@@ -267,7 +268,7 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                             if precision == "int8" else None),
             "checks": {"fp32_export_vs_torch_max_abs_diff": fp32_report["self_check_max_abs_diff"],
                        "optimised_vs_export_max_abs_diff": optimised_diffs, **checks},
-            "tools": tool_versions(),
+            "tools": package_versions(*ONNX_TOOLS),
         }
         write_json(report, staging / EXPORT_REPORT)
     log.info("onnx %s for %s: %.1f MiB in 3 graphs%s, vision cosine vs fp32 >= %.4f, in %.1fs", precision, tier,

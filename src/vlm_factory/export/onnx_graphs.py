@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ import torch
 
 from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
+from vlm_factory.export.tool_versions import package_versions
 from vlm_factory.families import ModelFamily, family_for
 from vlm_factory.io import atomic_dir, write_json
 from vlm_factory.model.checkpoint import load_model
@@ -67,6 +67,7 @@ SAMPLE_BATCH, SAMPLE_SEQUENCE, SAMPLE_PAST = 2, 3, 4
 # onnxruntime vs PyTorch at fp32, for the self-check at unseen shapes. Measured on the bundled base:
 # ~5e-5 on vision features (SigLIP activations before the post-layernorm reach ~100) and ~1e-5 on logits.
 SELF_CHECK_ATOL = 1e-3
+ONNX_TOOLS = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 PROMPT_NOTE = ("replace {question} with the stripped question, repeat image_token image_token_repeat times, "
                "tokenize with tokenizer.json (special tokens only if add_special_tokens), put image_features "
                "at those positions")
@@ -292,16 +293,6 @@ def describe_onnx(path: Path) -> dict:
             "inputs": shapes(proto.graph.input), "outputs": shapes(proto.graph.output)}
 
 
-def tool_versions() -> dict:
-    versions = {}
-    for package in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def export_onnx_fp32(model_dir: Path | str, out_dir: Path | str) -> dict:
     """Write `out_dir` (atomically): three fp32 graphs, genai_config.json, processor files, export_report.json."""
 
@@ -325,7 +316,7 @@ def export_onnx_fp32(model_dir: Path | str, out_dir: Path | str) -> dict:
             "format": "onnx", "precision": "fp32", "family": family.name, "variant": family.variant,
             "exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET,
             "files": files, "total_bytes": sum(f["file_bytes"] for f in files.values()),
-            "self_check_max_abs_diff": diffs, "tools": tool_versions(),
+            "self_check_max_abs_diff": diffs, "tools": package_versions(*ONNX_TOOLS),
         }
         write_json(report, staging / EXPORT_REPORT)
     log.info("onnx fp32: %.1f MiB in 3 graphs, in %.1fs", report["total_bytes"] / 2**20, time.perf_counter() - started)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 
 from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
+from vlm_factory.export.tool_versions import package_versions
 from vlm_factory.export.context import static_context
 from vlm_factory.export.static_cache import FunctionalDecoder, ImageFeatures
 from vlm_factory.io import atomic_dir, write_json
@@ -187,16 +187,6 @@ def self_check(family, model, out_dir: Path, max_context: int) -> dict:
     return result
 
 
-def tool_versions() -> dict:
-    versions = {}
-    for package in ("torch", "transformers", "litert-torch", "ai-edge-litert", "tensorflow"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def _file_entry(path: Path, precision: str, **extra) -> dict:
     return {"file": path.name, "file_bytes": path.stat().st_size, "precision": precision, **extra}
 
@@ -250,7 +240,7 @@ def export_tflite(model_dir: Path | str, out_dir: Path | str, tier: str, setting
             "decoder_form": "prefill/decode signatures over a static KV cache",
             "files": files, "total_bytes": sum(f["file_bytes"] for f in files.values()),
             "checks": {"vs_torch_random_inputs": {k: round(v, 7) for k, v in checks.items()}},
-            "tools": tool_versions(),
+            "tools": package_versions("torch", "transformers", "litert-torch", "ai-edge-litert", "tensorflow"),
         }
         write_json(report, staging / EXPORT_REPORT)
     log.info("tflite %s for %s: %.1f MiB, vision cosine vs torch %.5f, in %.1fs", precision, tier,
