@@ -104,7 +104,11 @@ class LlavaFamily(ModelFamily):
     format_support = {"gguf": None, "onnx": None, "coreml": None, "tflite": None}
     # What the matrix says beside "supported": variants a format exports but its runtime is known to get wrong.
     format_notes = {"gguf": "CLIP towers export, but the pinned llama.cpp orders their CLS token after the "
-                            "patches (ggml-org/llama.cpp#25814): the embedding gate fails them and says so"}
+                            "patches (ggml-org/llama.cpp#25814): the embedding gate fails them and says so. "
+                            "llama.cpp letterboxes non-square images for 'mlp' projectors; a checkpoint whose "
+                            "processor stretches them instead (SiglipImageProcessor, as llava-interleave ships) "
+                            "sees other pixels there: the parity's preprocessing check reports it (cosine "
+                            "0.92 tall / 0.97 wide on the shrunk llava-interleave)"}
     variants_refused = ("towers other than SigLIP and CLIP", "LLMs other than Llama and Qwen2",
                         "several feature layers (a list in vision_feature_layer)",
                         "GGUF: a projector or tower activation llama.cpp does not run")
