@@ -93,8 +93,10 @@ def test_wrong_type_and_bad_choice_are_named(tmp_path, root):
 
 
 def test_hub_model_without_pinned_revision_is_refused(tmp_path, root):
+    with pytest.raises(UserError, match=r"model\.revision.*40-hex"):
+        compose_to_yaml(["model=llava_interleave_0_5b"], root / "conf")
     bad = tmp_path / "params.yaml"
-    bad.write_text(compose_to_yaml(["model=llava_interleave_0_5b"], root / "conf"))
+    bad.write_text(compose_to_yaml(["model=llava_interleave_0_5b"], root / "conf", validate=False))
     with pytest.raises(UserError, match=r"model\.revision.*40-hex"):
         load_params(bad)
 

@@ -99,11 +99,13 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
 
 
 def test_a_failed_gate_stops_with_a_table(workspace):
-    """A gate no artifact can pass (embedding cosine above 1): exit 1, a table, the verdict kept."""
+    """A gate no quantized artifact passes (a cosine floor of exactly 1 with a Q8_0 tower, no drop allowed):
+    exit 1, a table, the verdict kept. (Floors above 1 are refused by the params schema.)"""
     from omegaconf import OmegaConf
 
     params = OmegaConf.load(workspace / "params.yaml")
-    params.eval.min_embedding_cosine.gguf = 1.01
+    params.eval.min_embedding_cosine.gguf = 1.0
+    params.eval.max_drop.gguf.Q4_K_M = 0.0
     strict = workspace / "strict-params.yaml"
     OmegaConf.save(params, strict)
     out = workspace / "strict-verdict.json"

@@ -13,7 +13,9 @@ from vlm_factory.logs import setup_logging
 def _compose(args: argparse.Namespace) -> None:
     from vlm_factory.config import compose_to_yaml
 
-    text = compose_to_yaml(args.overrides, args.config_dir)
+    # Refuses resolvers (${oc.env:...}: params.yaml is committed) and validates as load_params does,
+    # before anything is written: a refused composition leaves the output as it was.
+    text = compose_to_yaml(args.overrides, args.config_dir, output=args.output)
     if args.check:
         current = Path(args.output).read_text(encoding="utf-8") if Path(args.output).is_file() else ""
         if current != text:

@@ -1,192 +1,26 @@
-"""Typed schema of params.yaml. Unknown keys, wrong types and missing values are one-line errors."""
+"""params.yaml: loaded and validated into the typed schema (params_schema.py), or composed from conf/.
+
+Unknown keys, wrong types, missing or out-of-range values are one-line errors (params_checks.py).
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlm_factory.errors import UserError
+from vlm_factory.params_checks import check_interpolations, one_line_error, show_value, string_leaves, validate_params
+from vlm_factory.params_schema import (FORMATS, ArchitectureConfig, DataConfig, EvalConfig, ExportConfig,
+                                       ModelConfig, Params, PretrainConfig, PublishConfig, TierConfig, TrainConfig)
 
-FORMATS = ("gguf", "onnx", "coreml", "tflite")
-
-
-@dataclass
-class ArchitectureConfig:
-    image_size: int = 64
-    patch_size: int = 16
-    vision_hidden: int = 256
-    vision_intermediate: int = 512
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 256
-    text_intermediate: int = 768
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 4
-    vocab_size: int = 512
-    max_positions: int = 256
-
-
-@dataclass
-class PretrainConfig:
-    seed: int = 1234
-    n_images: int = 24000
-    questions_per_image: int = 4
-    cell_px: int = 32
-    steps: int = 5000
-    batch_images: int = 32
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    aux_weight: float = 1.0
-    eval_images: int = 540
-    eval_every: int = 500
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    source: str = "local"
-    path: Optional[str] = None
-    repo_id: Optional[str] = None
-    revision: Optional[str] = None
-    architecture: Optional[ArchitectureConfig] = None
-    pretrain: Optional[PretrainConfig] = None
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"
-    seed: int = 0
-    cell_px: int = 32
-    train_images: int = 6000
-    train_questions_per_image: int = 4
-    eval_images: int = 540
-    eval_questions_per_image: int = 2
-    hub_dataset: Optional[str] = None
-    hub_revision: Optional[str] = None
-    local_path: Optional[str] = None
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "eval": "validation"})
-    max_questions: Optional[dict[str, int]] = None
-
-
-@dataclass
-class TrainConfig:
-    # Where the connector starts: reinit (a new one, the bundled bases) | continue (the checkpoint's own)
-    # | frozen (no training: evaluate and export the model as downloaded).
-    projector: str = "reinit"
-    llm: str = "frozen"
-    seed: int = 0
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    log_every: int = 25
-
-
-@dataclass
-class EvalConfig:
-    batch_size: int = 64
-    max_drop: dict[str, dict[str, float]] = field(default_factory=dict)
-    min_embedding_cosine: dict[str, float] = field(default_factory=dict)
-    embedding_images: int = 64
-
-
-@dataclass
-class TierConfig:
-    description: str = MISSING
-    memory_budget_mb: int = MISSING
-    context_tokens: int = MISSING
-    kv_cache_dtype: str = "f16"
-    # Not written in params.yaml: load_params fills it from `targets.<format>.<tier>`.
-    formats: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class ExportConfig:
-    coreml_minimum_target: str = "iOS18"
-    calibration_images: int = 32
-
-
-@dataclass
-class PublishConfig:
-    uri: str = "file://artifacts/releases"
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    # None: each release is named by its content; set it to pin a version (then refused if it exists differently).
-    version: Optional[str] = None
-    multipart_threshold_mb: int = 64
-
-
-@dataclass
-class Params:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tiers: dict[str, TierConfig] = field(default_factory=dict)
-    # targets.<format>.<tier>: what each tier ships in each format (one export + parity stage each).
-    targets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    publish: PublishConfig = field(default_factory=PublishConfig)
-
-
-_CHOICES = {
-    "model.source": ("local", "hub"),
-    "data.source": ("synthetic", "hub", "local"),
-    "train.llm": ("frozen", "lora", "full"),
-    "train.projector": ("reinit", "continue", "frozen"),
-}
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-def _one_line(exc: OmegaConfBaseException, path: Path) -> UserError:
-    key = getattr(exc, "full_key", None) or ""
-    message = str(exc).splitlines()[0]
-    where = f"{path}: key '{key}'" if key else str(path)
-    return UserError(f"{where}: {message}; fix it in conf/ and recompose (see README)")
-
-
-def _validate(params: Params, path: Path) -> None:
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(params, section), name)
-        if value not in allowed:
-            raise UserError(f"{path}: key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
-    data = params.data
-    if data.source == "hub" and not data.hub_dataset:
-        raise UserError(f"{path}: key 'data.hub_dataset' is required when data.source=hub")
-    if data.source == "local" and not data.local_path:
-        raise UserError(f"{path}: key 'data.local_path' is required when data.source=local")
-    model = params.model
-    if model.source == "local" and not model.path:
-        raise UserError(f"{path}: key 'model.path' must name a local model directory when model.source=local")
-    if model.source == "hub":
-        if not model.repo_id:
-            raise UserError(f"{path}: key 'model.repo_id' is required when model.source=hub")
-        if not model.revision or not _COMMIT.match(model.revision):
-            raise UserError(f"{path}: key 'model.revision' must pin a 40-hex commit of {model.repo_id} "
-                            f"(got {model.revision!r}); a branch name is not reproducible")
-    unknown = set(params.targets) - set(FORMATS)
-    if unknown:
-        raise UserError(f"{path}: key 'targets' names unknown format(s) {', '.join(sorted(unknown))}; "
-                        f"known: {', '.join(FORMATS)}")
-    for fmt, by_tier in params.targets.items():
-        for tier_name, settings in by_tier.items():
-            if tier_name not in params.tiers:
-                raise UserError(f"{path}: key 'targets.{fmt}.{tier_name}' names no tier under 'tiers'; "
-                                f"known: {', '.join(params.tiers)}")
-            params.tiers[tier_name].formats[fmt] = settings
+# The schema's sections are imported from here by stages and the library.
+__all__ = ["FORMATS", "ArchitectureConfig", "DataConfig", "EvalConfig", "ExportConfig", "ModelConfig", "Params",
+           "PretrainConfig", "PublishConfig", "TierConfig", "TrainConfig", "compose", "compose_to_yaml",
+           "load_params", "parse_params", "target_settings"]
 
 
 def target_settings(params: Params, fmt: str, tier: str, path: Path | str = "params.yaml") -> dict[str, Any]:
@@ -195,6 +29,34 @@ def target_settings(params: Params, fmt: str, tier: str, path: Path | str = "par
         listed = ", ".join(params.targets.get(fmt, {})) or "none"
         raise UserError(f"{path}: no key 'targets.{fmt}.{tier}'; tiers listing {fmt}: {listed}")
     return dict(params.targets[fmt][tier])
+
+
+def _ints_as_floats(raw: DictConfig) -> None:
+    """`eval.max_drop.gguf.F16=1` is a number: OmegaConf refuses an int as a value of a dict[str, float]."""
+    gates = raw.get("eval")
+    if not isinstance(gates, DictConfig):
+        return
+    max_drop = gates.get("max_drop")
+    tables = [gates.get("min_embedding_cosine"), *(max_drop.values() if isinstance(max_drop, DictConfig) else [])]
+    for table in tables:
+        if isinstance(table, DictConfig):
+            for name, value in table.items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    table[name] = float(value)
+
+
+def parse_params(raw: DictConfig, path: Path | str = "params.yaml") -> Params:
+    """Type and validate the contents of a params.yaml (as loaded, unresolved) into `Params`."""
+    path = Path(path)
+    check_interpolations(raw, path, allow_references=False)
+    _ints_as_floats(raw)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Params), raw)
+        params: Params = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise one_line_error(exc, path) from None
+    validate_params(params, path)
+    return params
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -206,32 +68,77 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raw = OmegaConf.load(path)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); recompose it with `vlm-factory compose`") from None
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Params), raw)
-        params: Params = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise _one_line(exc, path) from None
-    _validate(params, path)
-    return params
+    if not isinstance(raw, DictConfig):
+        raise UserError(f"{path}: not a mapping of sections; recompose it with `vlm-factory compose`")
+    return parse_params(raw, path)
 
 
-def compose(overrides: list[str] | None = None, config_dir: Path | str = "conf") -> DictConfig:
-    """Compose conf/ exactly as DVC's Hydra integration does before `dvc exp run`."""
+def _refuse_empty_dict_overrides(overrides: list[str], cfg: DictConfig, path: Path | str) -> None:
+    """`key={}` merges into a mapping and changes nothing: say so rather than write what was not asked for."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_delete() or override.value() != {}:
+            continue
+        key = override.key_or_group
+        current = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(current, DictConfig) and len(current):
+            how = ("choose tiers with tier=[name,...]" if key == "tiers"
+                   else f"override its entries one by one, or delete it with ~{key}")
+            raise UserError(f"{path}: override '{key}={{}}' changes nothing (Hydra merges a mapping into the "
+                            f"{len(current)} entries of '{key}'); {how}")
+
+
+def _unresolvable(cfg: DictConfig, exc: OmegaConfBaseException, path: Path) -> UserError:
+    """A one-line error naming the key whose `${...}` reference does not resolve."""
+    if not getattr(exc, "full_key", None):
+        for key, value in string_leaves(OmegaConf.to_container(cfg, resolve=False)):
+            if "${" not in value:
+                continue
+            try:
+                OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+            except OmegaConfBaseException:
+                return UserError(f"{path}: key '{key}' is {show_value(value)}: {str(exc).splitlines()[0]}; "
+                                 "fix it in conf/ and recompose (see README)")
+    return one_line_error(exc, path)
+
+
+def compose(overrides: list[str] | None = None, config_dir: Path | str = "conf", *,
+            output: Path | str = "params.yaml", validate: bool = True) -> DictConfig:
+    """Compose conf/ as DVC's Hydra integration does before `dvc exp run`, refusing resolvers such as
+    `${oc.env:...}` (params.yaml is committed); with `validate`, check the result as `load_params` would."""
+    return _compose(overrides, config_dir, output, validate)[0]
+
+
+def compose_to_yaml(overrides: list[str] | None = None, config_dir: Path | str = "conf", *,
+                    output: Path | str = "params.yaml", validate: bool = True) -> str:
+    """The text of params.yaml for `overrides`; a one-line UserError naming `output` and the key if invalid."""
+    return _compose(overrides, config_dir, output, validate)[1]
+
+
+def _compose(overrides: list[str] | None, config_dir: Path | str, output: Path | str,
+             validate: bool) -> tuple[DictConfig, str]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    overrides = list(overrides or [])
     try:
         with initialize_config_dir(str(Path(config_dir).resolve()), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=overrides or [])
-    except HydraException as exc:
-        reason = str(exc).splitlines()[0]
-        if exc.__cause__ is not None:
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if exc.__cause__ is not None and str(exc.__cause__):
             reason += f" ({str(exc.__cause__).splitlines()[0]})"
         raise UserError(f"{config_dir}: {reason}") from None
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-def compose_to_yaml(overrides: list[str] | None = None, config_dir: Path | str = "conf") -> str:
-    return OmegaConf.to_yaml(compose(overrides, config_dir))
+    _refuse_empty_dict_overrides(overrides, cfg, output)
+    check_interpolations(cfg, output, allow_references=True)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _unresolvable(cfg, exc, Path(output)) from None
+    text = OmegaConf.to_yaml(cfg)
+    if validate:
+        # Read the text back exactly as a stage would: what compose writes, load_params accepts.
+        parse_params(OmegaConf.create(text), output)
+    return cfg, text

@@ -1,0 +1,135 @@
+"""Typed schema of params.yaml: one dataclass per section (see config.py for loading and composing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+FORMATS = ("gguf", "onnx", "coreml", "tflite")
+
+
+@dataclass
+class ArchitectureConfig:
+    image_size: int = 64
+    patch_size: int = 16
+    vision_hidden: int = 256
+    vision_intermediate: int = 512
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_intermediate: int = 768
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    vocab_size: int = 512
+    max_positions: int = 256
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 1234
+    n_images: int = 24000
+    questions_per_image: int = 4
+    cell_px: int = 32
+    steps: int = 5000
+    batch_images: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    aux_weight: float = 1.0
+    eval_images: int = 540
+    eval_every: int = 500
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "local"
+    path: Optional[str] = None
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+    architecture: Optional[ArchitectureConfig] = None
+    pretrain: Optional[PretrainConfig] = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    seed: int = 0
+    cell_px: int = 32
+    train_images: int = 6000
+    train_questions_per_image: int = 4
+    eval_images: int = 540
+    eval_questions_per_image: int = 2
+    hub_dataset: Optional[str] = None
+    hub_revision: Optional[str] = None
+    local_path: Optional[str] = None
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "eval": "validation"})
+    max_questions: Optional[dict[str, int]] = None
+
+
+@dataclass
+class TrainConfig:
+    # Where the connector starts: reinit (a new one, the bundled bases) | continue (the checkpoint's own)
+    # | frozen (no training: evaluate and export the model as downloaded).
+    projector: str = "reinit"
+    llm: str = "frozen"
+    seed: int = 0
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    log_every: int = 25
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_drop: dict[str, dict[str, float]] = field(default_factory=dict)
+    min_embedding_cosine: dict[str, float] = field(default_factory=dict)
+    embedding_images: int = 64
+
+
+@dataclass
+class TierConfig:
+    description: str = MISSING
+    memory_budget_mb: int = MISSING
+    context_tokens: int = MISSING
+    kv_cache_dtype: str = "f16"
+    # Not written in params.yaml: load_params fills it from `targets.<format>.<tier>`.
+    formats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ExportConfig:
+    coreml_minimum_target: str = "iOS18"
+    calibration_images: int = 32
+
+
+@dataclass
+class PublishConfig:
+    uri: str = "file://artifacts/releases"
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    # None: each release is named by its content; set it to pin a version (then refused if it exists differently).
+    version: Optional[str] = None
+    multipart_threshold_mb: int = 64
+
+
+@dataclass
+class Params:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tiers: dict[str, TierConfig] = field(default_factory=dict)
+    # targets.<format>.<tier>: what each tier ships in each format (one export + parity stage each).
+    targets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
