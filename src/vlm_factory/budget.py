@@ -11,7 +11,7 @@ import math
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from vlm_factory.config import FORMATS, TierConfig
+from vlm_factory.params_schema import FORMATS, TierConfig
 from vlm_factory.errors import UserError
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from pathlib import Path
 from vlm_factory.config import ModelConfig
 from vlm_factory.errors import UserError
 from vlm_factory.io import atomic_dir
+from vlm_factory.paths import contained
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +42,39 @@ def write_checksums(directory: Path) -> dict[str, str]:
 
 
 def read_checksums(directory: Path) -> dict[str, str]:
+    """name -> sha256 from `directory`'s SHA256SUMS. Every name must be a plain file name inside the
+    directory (no path, no link out of it); a missing or empty SHA256SUMS is an error, never 'nothing to check'."""
     path = directory / CHECKSUM_FILE
-    if not path.is_file():
+    real = contained(directory, CHECKSUM_FILE, what=directory, key=CHECKSUM_FILE, fix="restore the model directory")
+    if not real.is_file():
         raise UserError(f"{path}: missing; a local model source must carry checksums (`sha256sum * > {CHECKSUM_FILE}`)")
     sums = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(real.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
+        name = name.strip()
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
             raise UserError(f"{path}:{line_no}: not a 'sha256  filename' line")
-        sums[name.strip()] = digest
+        contained(directory, name, what=path, key=f"line {line_no}", plain=True, fix="restore the model directory")
+        sums[name] = digest.lower()
+    if not sums:
+        raise UserError(f"{path}: empty; it must list every model file (`sha256sum * > {CHECKSUM_FILE}`)")
     return sums
 
 
 def verify_checksums(directory: Path) -> dict[str, str]:
-    """Check every file listed in SHA256SUMS; name the first one that is missing or differs."""
+    """Check every file listed in SHA256SUMS; name the first one that is missing or differs.
+
+    Only regular files inside `directory` are ever opened (read_checksums contains every name)."""
     sums = read_checksums(directory)
     for name, expected in sums.items():
         path = directory / name
-        if not path.is_file():
+        real = contained(directory, name, what=directory / CHECKSUM_FILE, key=name, plain=True,
+                         fix="restore the model directory")
+        if not real.is_file():
             raise UserError(f"{path}: listed in {CHECKSUM_FILE} but missing; restore the model directory")
-        actual = sha256_file(path)
+        actual = sha256_file(real)
         if actual != expected:
             raise UserError(f"{path}: sha256 {actual[:12]}… does not match {CHECKSUM_FILE} ({expected[:12]}…); "
                             "the file is corrupt or was edited")
@@ -75,9 +87,15 @@ def _model_files(directory: Path) -> list[str]:
                   if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in MODEL_FILE_PATTERNS))
 
 
-def materialise(snapshot: Path, out_dir: Path, source: str) -> dict[str, str]:
-    """The common end of every source: model files only (never pickles), copied atomically, checksummed."""
+def materialise(snapshot: Path, out_dir: Path, source: str, root: Path | None = None) -> dict[str, str]:
+    """The common end of every source: model files only (never pickles), copied atomically, checksummed.
+
+    Every file must resolve inside `root` (default: the snapshot itself; a hub snapshot's links lead to
+    its repository's blobs, so there it is the repository's cache folder)."""
     names = _model_files(snapshot)
+    for name in names:
+        contained(root or snapshot, str((snapshot / name).relative_to(root or snapshot)), what=source, key=name,
+                  fix="remove the link or copy the file in")
     if not any(n.endswith(".safetensors") for n in names):
         raise UserError(f"{source}: no .safetensors weights; pickled weights are never loaded "
                         "(convert them to safetensors first)")
@@ -140,7 +158,8 @@ def fetch_hub(repo_id: str, revision: str, out_dir: Path, *, cache_dir: Path | N
         log.info("%s@%s found in the local Hugging Face cache", repo_id, revision[:12])
     except LocalEntryNotFoundError:
         snapshot = _download(repo_id, revision, kwargs)
-    sums = materialise(snapshot, out_dir, f"{repo_id}@{revision}")
+    # <cache>/models--org--name/snapshots/<rev>: links there point into <cache>/models--org--name/blobs.
+    sums = materialise(snapshot, out_dir, f"{repo_id}@{revision}", root=snapshot.parent.parent)
     log.info("fetched %s@%s (%d files) in %.1fs", repo_id, revision[:12], len(sums), time.perf_counter() - started)
     return sums
 

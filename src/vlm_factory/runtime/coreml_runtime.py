@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from vlm_factory.errors import UserError
+from vlm_factory.paths import contained, contained_tree
 from vlm_factory.runtime.coreml_weights import read_package_weights
 from vlm_factory.runtime.preprocess import preprocess
 from vlm_factory.runtime.prompting import prompt_from_config, prompt_token_ids
@@ -61,11 +62,16 @@ class CoreMLRuntime:
 
         self.artifact_dir = Path(artifact_dir)
         config_path = self.artifact_dir / COREML_CONFIG
-        if not config_path.is_file():
+        real_config = contained(self.artifact_dir, COREML_CONFIG, what=self.artifact_dir, key=COREML_CONFIG)
+        if not real_config.is_file():
             raise UserError(f"{config_path}: not found; {self.artifact_dir} is not a Core ML export (re-run its export)")
-        self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        self.config = json.loads(real_config.read_text(encoding="utf-8"))
         if "vision" not in self.config or "prompt" not in self.config:
             raise UserError(f"{config_path}: written by an older exporter (no 'vision'/'prompt'); re-run its export")
+        # Every package and array the config names is contained before coremltools or numpy opens it.
+        self._files = {role: self._package_path(role) for role in self.config["packages"]}
+        self._embedding_file = contained(self.artifact_dir, self.config["embedding"]["file"], what=config_path,
+                                         key="embedding.file")
         self.prompt = prompt_from_config(self.config["prompt"], config_path)
         self.processor = AutoProcessor.from_pretrained(self.artifact_dir)
         self.family = family_of(self.artifact_dir)
@@ -75,11 +81,17 @@ class CoreMLRuntime:
 
     # -- weights -----------------------------------------------------------------------------------
 
-    def _package(self, role: str) -> dict[str, tuple[np.ndarray, str]]:
-        package = self.artifact_dir / self.config["packages"][role]["file"]
+    def _package_path(self, role: str) -> Path:
+        config_path, key = self.artifact_dir / COREML_CONFIG, f"packages.{role}.file"
+        package = contained(self.artifact_dir, self.config["packages"][role]["file"], what=config_path, key=key,
+                            kind="dir")
         if not package.is_dir():
             raise UserError(f"{package}: missing from the Core ML export; re-run its export")
-        return read_package_weights(package)
+        contained_tree(self.artifact_dir, package, what=config_path, key=key)  # no link inside leads out
+        return package
+
+    def _package(self, role: str) -> dict[str, tuple[np.ndarray, str]]:
+        return read_package_weights(self._files[role])
 
     def _load_weights(self, model) -> dict[str, np.ndarray]:
         params = dict(model.named_parameters())
@@ -92,7 +104,9 @@ class CoreMLRuntime:
                                     "is not in the package")
                 values[torch_name] = found[role][mil_name][0]
         embedding = self.config["embedding"]
-        values[embedding["parameter"]] = np.load(self.artifact_dir / embedding["file"])
+        if not self._embedding_file.is_file():
+            raise UserError(f"{self._embedding_file}: missing from the Core ML export; re-run its export")
+        values[embedding["parameter"]] = np.load(self._embedding_file)
         for name, fill in self.config.get("constant_parameters", {}).items():
             if name in params:  # one repeated value the converter removed as an identity (a norm of ones)
                 values[name] = np.full(tuple(params[name].shape), fill, dtype=np.float32)
@@ -156,7 +170,7 @@ class CoreMLRuntime:
             raise UserError(why)
         import coremltools as ct
 
-        mlmodel = ct.models.MLModel(str(self.artifact_dir / self.config["packages"]["vision"]["file"]))
+        mlmodel = ct.models.MLModel(str(self._files["vision"]))
         pixels = self.pixel_values(image).numpy()
         return mlmodel.predict({"pixel_values": pixels})["image_features"][0]
 

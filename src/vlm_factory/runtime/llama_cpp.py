@@ -21,7 +21,7 @@ from PIL import Image
 
 from vlm_factory.errors import UserError
 from vlm_factory.families.base import PromptSpec
-from vlm_factory.runtime.gguf_check import open_gguf
+from vlm_factory.runtime.gguf_check import check_llamacpp_pair
 from vlm_factory.runtime.prompting import greedy_tokens
 
 
@@ -41,8 +41,9 @@ class LlamaCppRuntime:
         import llama_cpp
         from llama_cpp import _logger, mtmd_cpp
 
-        open_gguf(llm_path, "model")
-        open_gguf(mmproj_path, "mmproj")
+        # Readable, the right kinds, and every tensor name and shape what llama.cpp's loaders expect:
+        # libmtmd would otherwise crash on an mmproj with one tensor renamed.
+        check_llamacpp_pair(llm_path, mmproj_path)
         if kv_cache not in KV_CACHE_TYPES:
             raise UserError(f"KV cache type {kv_cache!r}: llama.cpp runs {', '.join(KV_CACHE_TYPES)}")
         self._lib = llama_cpp

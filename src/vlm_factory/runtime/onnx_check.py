@@ -14,11 +14,11 @@ adapter, for every graph its genai_config.json names).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from vlm_factory.errors import UserError
+from vlm_factory.paths import contained
 
 
 def _graph_tensors(graph) -> Iterator:
@@ -46,12 +46,6 @@ def _node_tensors(node) -> Iterator:
             yield from _graph_tensors(attribute.g)
         for graph in attribute.graphs:
             yield from _graph_tensors(graph)
-
-
-def _is_absolute(location: str) -> bool:
-    # Both conventions: a Windows drive or UNC path is as foreign on Linux as /etc is on Windows.
-    return (PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute()
-            or bool(PureWindowsPath(location).drive) or location.startswith(("/", "\\")))
 
 
 def external_data_locations(model) -> dict[str, str]:
@@ -86,19 +80,11 @@ def check_external_data(onnx_path: Path | str) -> list[str]:
     except Exception as exc:  # protobuf's DecodeError and friends
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{onnx_path}: not a readable ONNX file ({detail}); re-run its export") from None
-    base = onnx_path.parent.resolve()
+    base = onnx_path.parent
     files = set()
     for name, location in external_data_locations(model).items():
-        where = f"{onnx_path}: tensor '{name}' keeps its data in {location!r}"
-        if not location or "\x00" in location:
-            raise UserError(f"{where}, not a file name; refusing to load this model (re-export it)")
-        if _is_absolute(location):
-            raise UserError(f"{where}, an absolute path; refusing to load this model (external data must "
-                            f"sit in {base} and be named relative to it; re-export it)")
-        # os.path.realpath follows symlinks too: a link inside the directory pointing out is refused as well.
-        target = Path(os.path.realpath(base / location))
-        if target != base and base not in target.parents:
-            raise UserError(f"{where}, which resolves to {target} outside {base}; refusing to load this model "
-                            "(re-export it, or put the data file beside the .onnx file)")
+        # Absolute, `..` that leaves, a link out of the directory, a FIFO or directory: all refused (paths.py).
+        contained(base, location, what=onnx_path, key=f"tensor {name!r} external data location",
+                  fix="re-export it, or put the data file beside the .onnx file")
         files.add(location)
     return sorted(files)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
+from vlm_factory.paths import contained
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_pixel_values
 from vlm_factory.runtime.prompting import greedy_tokens, prompt_from_config, prompt_token_ids
@@ -75,13 +76,17 @@ class OnnxRuntime:
 
         self.artifact_dir = Path(artifact_dir)
         config_path = self.artifact_dir / GENAI_CONFIG
-        if not config_path.is_file():
+        real_config = contained(self.artifact_dir, GENAI_CONFIG, what=self.artifact_dir, key=GENAI_CONFIG)
+        if not real_config.is_file():
             raise UserError(f"{config_path}: not found; {self.artifact_dir} is not an ONNX export (re-run its export)")
-        self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        self.config = json.loads(real_config.read_text(encoding="utf-8"))
         model = self.config["model"]
+        # Every graph name is contained before onnxruntime (or onnx.load) opens anything.
+        graphs = {role: contained(self.artifact_dir, model[role]["filename"], what=config_path,
+                                  key=f"model.{role}.filename")
+                  for role in ("vision", "embedding", "decoder")}
         options = _session_options(intra_op_threads)
-        self._sessions = {role: _open_session(self.artifact_dir / model[role]["filename"], options, providers)
-                          for role in ("vision", "embedding", "decoder")}
+        self._sessions = {role: _open_session(path, options, providers) for role, path in graphs.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)
         self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
         decoder = model["decoder"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlm_factory.artifacts import EXPORT_REPORT, read_export_report
+from vlm_factory.artifacts import EXPORT_REPORT, read_export_report, report_file
 from vlm_factory.errors import UserError
 
 
 def open_runtime(fmt: str, artifact_dir: Path, *, context_tokens: int, kv_cache: str):
     """A runtime adapter (answer, image_embeddings, close) over the artifact in `artifact_dir`."""
+    artifact_dir = Path(artifact_dir)
     report = read_export_report(artifact_dir)
     if report.get("format") != fmt:
         raise UserError(f"{artifact_dir}: holds a {report.get('format')!r} export, not {fmt!r}")
@@ -17,10 +18,10 @@ def open_runtime(fmt: str, artifact_dir: Path, *, context_tokens: int, kv_cache:
         from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
         from vlm_factory.runtime.prompting import prompt_from_config
 
-        files = report["files"]
+        # Contained before llama.cpp opens anything: an absolute, `../` or outward-linked name is refused.
+        llm, mmproj = report_file(artifact_dir, report, "llm"), report_file(artifact_dir, report, "mmproj")
         prompt = prompt_from_config(report.get("prompt"), artifact_dir / EXPORT_REPORT)
-        return LlamaCppRuntime(artifact_dir / files["llm"]["file"], artifact_dir / files["mmproj"]["file"],
-                               n_ctx=context_tokens, kv_cache=kv_cache, prompt=prompt)
+        return LlamaCppRuntime(llm, mmproj, n_ctx=context_tokens, kv_cache=kv_cache, prompt=prompt)
     if fmt == "onnx":
         from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 

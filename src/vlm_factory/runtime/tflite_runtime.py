@@ -21,6 +21,7 @@ from PIL import Image
 
 from vlm_factory.errors import UserError
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
+from vlm_factory.paths import contained
 from vlm_factory.runtime.preprocess import config_pixel_values
 from vlm_factory.runtime.prompting import greedy_tokens, prompt_from_config, prompt_token_ids
 
@@ -46,17 +47,21 @@ class TFLiteRuntime:
 
         self.artifact_dir = Path(artifact_dir)
         config_path = self.artifact_dir / TFLITE_CONFIG
-        if not config_path.is_file():
+        real_config = contained(self.artifact_dir, TFLITE_CONFIG, what=self.artifact_dir, key=TFLITE_CONFIG)
+        if not real_config.is_file():
             raise UserError(f"{config_path}: not found; {self.artifact_dir} is not a TFLite export (re-run its export)")
-        self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        self.config = json.loads(real_config.read_text(encoding="utf-8"))
         model = self.config["model"]
         vision, decoder = model["vision"], model["decoder"]
-        self._vision_interp = _interpreter(self.artifact_dir / vision["filename"], num_threads)
+        # Every file name is contained before LiteRT or numpy opens anything.
+        files = {role: contained(self.artifact_dir, model[role]["filename"], what=config_path,
+                                 key=f"model.{role}.filename") for role in ("vision", "decoder", "embedding")}
+        self._vision_interp = _interpreter(files["vision"], num_threads)
         self._vision = self._vision_interp.get_signature_runner(vision["signature"])
-        self._decoder_interp = _interpreter(self.artifact_dir / decoder["filename"], num_threads)
+        self._decoder_interp = _interpreter(files["decoder"], num_threads)
         self._prefill_runner = self._decoder_interp.get_signature_runner("prefill")
         self._decode_runner = self._decoder_interp.get_signature_runner("decode")
-        table_path = self.artifact_dir / model["embedding"]["filename"]
+        table_path = files["embedding"]
         if not table_path.is_file():
             raise UserError(f"{table_path}: missing from the TFLite export; re-run its export")
         self._table = np.load(table_path).astype(np.float32)
