@@ -165,7 +165,7 @@ def test_eos_ids_from_tokenizer_and_config():
     """Generation stops at the tokenizer's EOS and at the LLM config's, written as ORT GenAI does."""
     from vlm_factory.errors import UserError
     from vlm_factory.export.onnx_graphs import eos_token_ids
-    from vlm_factory.runtime.onnx_runtime import eos_ids
+    from vlm_factory.runtime.prompting import eos_ids
 
     def family(eos):
         return SimpleNamespace(text=SimpleNamespace(eos_token_id=eos))

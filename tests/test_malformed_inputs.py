@@ -437,3 +437,20 @@ def test_runtime_refuses_every_mutation_without_crashing(gguf_cases):
         mutated = gguf_cases[case_id][0 if which == "llm" else 1]
         assert "\n" not in message and str(mutated) in message, (case_id, message)
         assert all(needle in message for needle in needles), (case_id, message)
+
+
+@pytest.mark.parametrize("runtime, name", [("onnx_runtime.OnnxRuntime", "genai_config.json"),
+                                           ("tflite_runtime.TFLiteRuntime", "tflite_config.json"),
+                                           ("coreml_runtime.CoreMLRuntime", "coreml_config.json")])
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]"], ids=["syntax", "not-utf8", "list"])
+def test_runtime_config_that_is_not_a_json_object_is_one_line(tmp_path, runtime, name, content):
+    import importlib
+
+    from vlm_factory.errors import UserError
+
+    module, cls = runtime.split(".")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError) as info:
+        getattr(importlib.import_module(f"vlm_factory.runtime.{module}"), cls)(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and name in message and "re-run its export" in message

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlm_factory.errors import UserError
+from vlm_factory.io import read_json
 from vlm_factory.paths import contained
 
 EXPORT_REPORT = "export_report.json"
 
 
+def read_artifact_json(artifact_dir: Path, name: str, kind: str) -> tuple[dict, Path]:
+    """(contents, path) of a JSON file an export keeps at its top level (its report, its runtime config):
+    contained in `artifact_dir`, and a one-line error naming it when missing or not a JSON object."""
+    path = artifact_dir / name
+    real = contained(artifact_dir, name, what=artifact_dir, key=name)
+    data = read_json(real, shown=path, fix="re-run its export stage",
+                     missing=f"{path}: not found; {artifact_dir} is not {kind} (re-run its export stage)")
+    return data, path
+
+
 def read_export_report(artifact_dir: Path) -> dict:
-    path = artifact_dir / EXPORT_REPORT
-    real = contained(artifact_dir, EXPORT_REPORT, what=artifact_dir, key=EXPORT_REPORT)
-    if not real.is_file():
-        raise UserError(f"{path}: not found; {artifact_dir} is not a finished export (re-run its export stage)")
-    try:
-        report = json.loads(real.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]}); re-run its export stage") from None
-    if not isinstance(report, dict):
-        raise UserError(f"{path}: not a JSON object; re-run its export stage")
-    return report
+    return read_artifact_json(artifact_dir, EXPORT_REPORT, "a finished export")[0]
 
 
 def report_file(artifact_dir: Path, report: dict, role: str) -> Path:

@@ -57,6 +57,24 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: Path | str, *, missing: str, fix: str, shown: Path | str | None = None) -> dict:
+    """The JSON object in `path`, or a one-line UserError: `missing` is the whole message when the file is
+    absent; `fix` says what to do when it is not a JSON object; `shown` is the name to print (default `path`)."""
+    from vlm_factory.errors import UserError
+
+    path = Path(path)
+    shown = shown or path
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{shown}: not valid JSON ({str(exc).splitlines()[0][:120]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{shown}: not a JSON object; {fix}")
+    return data
+
+
 def write_json(data: object, path: Path | str) -> None:
     """Write pretty, key-sorted JSON atomically (metrics files are diffed in git)."""
     with atomic_path(path) as tmp:

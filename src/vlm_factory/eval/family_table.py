@@ -7,20 +7,15 @@ pipeline's own metrics files hold the default model's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vlm_factory.errors import UserError
 from vlm_factory.families import family_of
+from vlm_factory.io import read_json
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run the pipeline (dvc repro or dvc exp run) first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path, missing=f"{path}: not found; run the pipeline (dvc repro or dvc exp run) first",
+                     fix="run the pipeline again")
 
 
 def family_table(model_name: str, model_dir: Path, metrics_dir: Path) -> dict:

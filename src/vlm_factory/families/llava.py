@@ -12,12 +12,12 @@ is dropped, with `full` every position is kept.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from vlm_factory.errors import UserError
+from vlm_factory.io import read_json
 from vlm_factory.families.base import CheckpointKey, DecoderParts, ModelFamily, PromptSpec, TextFacts, VisionFacts
 from vlm_factory.families.param_counts import decoder_params, vision_tower_params
 
@@ -285,10 +285,5 @@ class LlavaFamily(ModelFamily):
 
 def read_config_json(path: Path) -> dict:
     """config.json of a model directory, or a one-line error naming it."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{path}: not a model directory (no config.json); run the stage that produces it")
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+    return read_json(Path(path) / "config.json", fix="the model directory is damaged; download it again",
+                     missing=f"{path}: not a model directory (no config.json); run the stage that produces it")

@@ -15,7 +15,6 @@ Prompts and preprocessing come from coreml_config.json (the family's PromptSpec 
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlm_factory.artifacts import read_artifact_json
 from vlm_factory.errors import UserError
 from vlm_factory.paths import contained, contained_tree
 from vlm_factory.runtime.coreml_weights import read_package_weights
@@ -61,11 +61,7 @@ class CoreMLRuntime:
         from vlm_factory.families import family_of
 
         self.artifact_dir = Path(artifact_dir)
-        config_path = self.artifact_dir / COREML_CONFIG
-        real_config = contained(self.artifact_dir, COREML_CONFIG, what=self.artifact_dir, key=COREML_CONFIG)
-        if not real_config.is_file():
-            raise UserError(f"{config_path}: not found; {self.artifact_dir} is not a Core ML export (re-run its export)")
-        self.config = json.loads(real_config.read_text(encoding="utf-8"))
+        self.config, config_path = read_artifact_json(self.artifact_dir, COREML_CONFIG, "a Core ML export")
         if "vision" not in self.config or "prompt" not in self.config:
             raise UserError(f"{config_path}: written by an older exporter (no 'vision'/'prompt'); re-run its export")
         # Every package and array the config names is contained before coremltools or numpy opens it.

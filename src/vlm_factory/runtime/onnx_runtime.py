@@ -13,7 +13,6 @@ time until an EOS id (the config's `eos_token_id`, one id or a list) or MAX_ANSW
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,24 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vlm_factory.artifacts import read_artifact_json
 from vlm_factory.errors import UserError
 from vlm_factory.paths import contained
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_pixel_values
-from vlm_factory.runtime.prompting import greedy_tokens, prompt_from_config, prompt_token_ids
+from vlm_factory.runtime.prompting import eos_ids, greedy_tokens, prompt_from_config, prompt_token_ids
 
 # The exporter's name for it (export/onnx_graphs.py); runtimes never import exporters.
 GENAI_CONFIG = "genai_config.json"
-
-
-def eos_ids(value, source: Path) -> set[int]:
-    """The stop tokens of a config's `eos_token_id`: one id or a list of ids (ORT GenAI writes either).
-
-    An empty list (a model without EOS) answers MAX_ANSWER_TOKENS tokens, as transformers does."""
-    ids = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise UserError(f"{source}: model.eos_token_id must be a token id or a list of them; got {value!r}")
-    return set(ids)
 
 
 def _session_options(intra_op_threads: int | None):
@@ -75,11 +65,7 @@ class OnnxRuntime:
         from transformers import AutoTokenizer
 
         self.artifact_dir = Path(artifact_dir)
-        config_path = self.artifact_dir / GENAI_CONFIG
-        real_config = contained(self.artifact_dir, GENAI_CONFIG, what=self.artifact_dir, key=GENAI_CONFIG)
-        if not real_config.is_file():
-            raise UserError(f"{config_path}: not found; {self.artifact_dir} is not an ONNX export (re-run its export)")
-        self.config = json.loads(real_config.read_text(encoding="utf-8"))
+        self.config, config_path = read_artifact_json(self.artifact_dir, GENAI_CONFIG, "an ONNX export")
         model = self.config["model"]
         # Every graph name is contained before onnxruntime (or onnx.load) opens anything.
         graphs = {role: contained(self.artifact_dir, model[role]["filename"], what=config_path,

@@ -30,6 +30,17 @@ def prompt_token_ids(prompt: PromptSpec, tokenizer, question: str) -> list[int]:
     return tokenizer(prompt.expanded(question), add_special_tokens=prompt.add_special_tokens).input_ids
 
 
+def eos_ids(value, source: Path) -> set[int]:
+    """The stop tokens of a config's `eos_token_id`: one id or a list of ids (ORT GenAI writes either;
+    the ONNX and TFLite configs both carry it).
+
+    An empty list (a model without EOS) answers MAX_ANSWER_TOKENS tokens, as transformers does."""
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{source}: model.eos_token_id must be a token id or a list of them; got {value!r}")
+    return set(ids)
+
+
 def greedy_tokens(logits: np.ndarray, step, eos: set[int]) -> list[int]:
     """Greedy answer tokens from the prompt's last logits; `step(token)` returns the next logits.
 

@@ -12,18 +12,18 @@ MAX_ANSWER_TOKENS.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vlm_factory.artifacts import read_artifact_json
 from vlm_factory.errors import UserError
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 from vlm_factory.paths import contained
 from vlm_factory.runtime.preprocess import config_pixel_values
-from vlm_factory.runtime.prompting import greedy_tokens, prompt_from_config, prompt_token_ids
+from vlm_factory.runtime.prompting import eos_ids, greedy_tokens, prompt_from_config, prompt_token_ids
 
 TFLITE_CONFIG = "tflite_config.json"  # the exporter's name for it; runtimes never import exporters
 
@@ -46,11 +46,7 @@ class TFLiteRuntime:
         from transformers import AutoTokenizer
 
         self.artifact_dir = Path(artifact_dir)
-        config_path = self.artifact_dir / TFLITE_CONFIG
-        real_config = contained(self.artifact_dir, TFLITE_CONFIG, what=self.artifact_dir, key=TFLITE_CONFIG)
-        if not real_config.is_file():
-            raise UserError(f"{config_path}: not found; {self.artifact_dir} is not a TFLite export (re-run its export)")
-        self.config = json.loads(real_config.read_text(encoding="utf-8"))
+        self.config, config_path = read_artifact_json(self.artifact_dir, TFLITE_CONFIG, "a TFLite export")
         model = self.config["model"]
         vision, decoder = model["vision"], model["decoder"]
         # Every file name is contained before LiteRT or numpy opens anything.
@@ -70,8 +66,7 @@ class TFLiteRuntime:
         self._cache_shape = tuple(decoder["kv_cache_shape"])
         self._chunk = int(decoder["prefill_length"])
         self._max_context = int(decoder["max_context"])
-        eos = model["eos_token_id"]
-        self._eos = set(eos) if isinstance(eos, list) else {eos}
+        self._eos = eos_ids(model.get("eos_token_id"), config_path)
         self._image_token_id = model["image_token_id"]
 
     def close(self) -> None:
