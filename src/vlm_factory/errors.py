@@ -15,6 +15,12 @@ class UserError(Exception):
     """A mistake in input or configuration. Entry points print it as one line, without a traceback."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class GateFailed(Exception):
     """An artifact answered worse than its gate allows. The message is the table of what drifted how much."""
 

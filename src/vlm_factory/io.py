@@ -70,6 +70,8 @@ def read_json(path: Path | str, *, missing: str, fix: str, shown: Path | str | N
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{shown}: not valid JSON ({str(exc).splitlines()[0][:120]}); {fix}") from None
+    except RecursionError:  # nesting deeper than Python's parser recurses: no real file of ours is
+        raise UserError(f"{shown}: JSON nested too deeply to be a real file; {fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{shown}: not a JSON object; {fix}")
     return data

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 from vlm_factory.io import atomic_path
 
 
@@ -56,12 +57,8 @@ def load_processor(model_dir: Path):
     """The checkpoint's processor (transformers' AutoProcessor: hub and transformers-5 layouts alike)."""
     from transformers import AutoProcessor
 
-    try:
-        return AutoProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{model_dir}: the processor (tokenizer + image processor files) cannot be loaded "
-                        f"({first})") from None
+    return load_pretrained(AutoProcessor, model_dir, "the processor (tokenizer + image processor files)",
+                           fix="re-download or re-save it")
 
 
 def deferred(shape: tuple[int, ...], dtype, compute: Callable[[], np.ndarray]):

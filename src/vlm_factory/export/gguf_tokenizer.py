@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 
 SPACE = "\u2581"  # SentencePiece's visible space
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -197,10 +198,7 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{model_dir}: the tokenizer cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
+    tokenizer = load_pretrained(AutoTokenizer, model_dir, "the tokenizer", fix="re-download or re-save it")
     source = model_dir / "tokenizer.json"
     if source.is_file():
         tok = json.loads(source.read_text(encoding="utf-8"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 from vlm_factory.io import read_json
 from vlm_factory.families.base import CheckpointKey, DecoderParts, ModelFamily, PromptSpec, TextFacts, VisionFacts
 from vlm_factory.families.param_counts import decoder_params, vision_tower_params
@@ -211,25 +212,18 @@ class LlavaFamily(ModelFamily):
     # -- torch ------------------------------------------------------------------------------------------
 
     def load(self, path: Path):
-        from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
 
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{path}: unreadable checkpoint ({first_line[:300]})") from None
+        model = load_pretrained(LlavaForConditionalGeneration, path, "the checkpoint", fix="re-download or re-save it",
+                                use_safetensors=True, dtype=torch.float32)
         model.eval()
         return model, self.load_processor(path)
 
     def load_processor(self, path: Path):
         from transformers import AutoProcessor
 
-        try:
-            return AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, TypeError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{path}: unreadable processor files ({first_line[:300]})") from None
+        return load_pretrained(AutoProcessor, path, "the processor (tokenizer + image processor files)",
+                               fix="re-download or re-save it")
 
     def empty_model(self):
         from transformers import LlavaForConditionalGeneration

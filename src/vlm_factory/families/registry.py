@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 from vlm_factory.families.base import FORMATS, ModelFamily
 from vlm_factory.families.llava import LlavaFamily, read_config_json
 
@@ -31,11 +32,8 @@ def family_of(model_dir: Path | str) -> ModelFamily:
     model_dir = Path(model_dir)
     raw = read_config_json(model_dir)
     cls = family_class(raw.get("model_type"), str(model_dir))
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{model_dir / 'config.json'}: not a readable {cls.name} config "
-                        f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    config = load_pretrained(AutoConfig, model_dir, f"config.json as a {cls.name} config",
+                             fix="fix or re-download config.json")
     return cls(config, model_dir)
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from vlm_factory.artifacts import read_artifact_json
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 from vlm_factory.paths import contained, contained_tree
 from vlm_factory.runtime.coreml_weights import read_package_weights
 from vlm_factory.runtime.preprocess import preprocess
@@ -69,7 +70,7 @@ class CoreMLRuntime:
         self._embedding_file = contained(self.artifact_dir, self.config["embedding"]["file"], what=config_path,
                                          key="embedding.file")
         self.prompt = prompt_from_config(self.config["prompt"], config_path)
-        self.processor = AutoProcessor.from_pretrained(self.artifact_dir)
+        self.processor = load_pretrained(AutoProcessor, self.artifact_dir, "the export's processor files")
         self.family = family_of(self.artifact_dir)
         model = self.family.empty_model()
         self.loaded = self._load_weights(model)

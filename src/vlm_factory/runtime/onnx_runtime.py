@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlm_factory.artifacts import read_artifact_json
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 from vlm_factory.paths import contained
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_pixel_values
@@ -73,7 +74,7 @@ class OnnxRuntime:
                   for role in ("vision", "embedding", "decoder")}
         options = _session_options(intra_op_threads)
         self._sessions = {role: _open_session(path, options, providers) for role, path in graphs.items()}
-        self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)
+        self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, "the export's tokenizer")
         self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
         decoder = model["decoder"]
         self._kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])

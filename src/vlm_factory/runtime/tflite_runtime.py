@@ -20,6 +20,7 @@ from PIL import Image
 
 from vlm_factory.artifacts import read_artifact_json
 from vlm_factory.errors import UserError
+from vlm_factory.hf_files import load_pretrained
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 from vlm_factory.paths import contained
 from vlm_factory.runtime.preprocess import config_pixel_values
@@ -61,7 +62,7 @@ class TFLiteRuntime:
         if not table_path.is_file():
             raise UserError(f"{table_path}: missing from the TFLite export; re-run its export")
         self._table = np.load(table_path).astype(np.float32)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)
+        self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, "the export's tokenizer")
         self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
         self._cache_shape = tuple(decoder["kv_cache_shape"])
         self._chunk = int(decoder["prefill_length"])
