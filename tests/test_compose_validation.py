@@ -298,3 +298,27 @@ def test_a_stage_refuses_an_environment_interpolation(tmp_path, root):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "'publish.uri'" in last and "environment" in last
+
+
+@pytest.mark.parametrize("override", ["publish.uri=${oc.env:HOME}", "publish.version=${oc.env:AWS_SECRET_ACCESS_KEY,x}",
+                                      "train.seed=${oc.env:SEED,'1'}"])
+def test_dvc_compose_refuses_environment_values(override, root, tmp_path):
+    # `dvc exp run -S` composes conf/ in DVC's own process, resolving before our code runs; the repository's
+    # hydra_plugins module (scanned by DVC from the repo root) makes oc.env refuse there. A fresh interpreter,
+    # as DVC's is: Hydra scans plugins once per process.
+    script = ("import sys\nfrom dvc.utils.hydra import compose_and_dump\n"
+              "compose_and_dump(sys.argv[1], sys.argv[2], None, 'config', sys.argv[3], [sys.argv[4]])\n")
+    out = tmp_path / "params.yaml"
+    child = subprocess.run([sys.executable, "-c", script, str(out), str(root / "conf"), str(root), override],
+                           capture_output=True, text=True, env={**os.environ, "AWS_SECRET_ACCESS_KEY": "s3cr3t-v4lue"})
+    assert child.returncode != 0 and not out.exists()
+    assert "would write an environment value into params.yaml" in child.stderr
+    assert "s3cr3t-v4lue" not in child.stderr and os.environ.get("HOME", "/nonexistent") not in child.stderr
+
+
+def test_dvc_compose_still_writes_plain_overrides(root, tmp_path):
+    script = ("import sys\nfrom dvc.utils.hydra import compose_and_dump\n"
+              "compose_and_dump(sys.argv[1], sys.argv[2], None, 'config', sys.argv[3], ['train.seed=7'])\n")
+    out = tmp_path / "params.yaml"
+    subprocess.run([sys.executable, "-c", script, str(out), str(root / "conf"), str(root)], check=True)
+    assert load_params(out).train.seed == 7

@@ -10,7 +10,6 @@ the model family's prompt (`prompt`, what the runtime renders questions with) an
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +20,7 @@ from vlm_factory.export.gguf_io import load_processor
 from vlm_factory.export.gguf_llm import write_llm_gguf
 from vlm_factory.export.gguf_mmproj import write_mmproj_gguf
 from vlm_factory.export.gguf_quantize import quantize
-from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.io import atomic_dir, scratch_dir, write_json
 from vlm_factory.runtime.gguf_check import open_gguf
 
 log = logging.getLogger(__name__)
@@ -84,8 +83,8 @@ def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> di
     family.require_format("gguf")
     processor = load_processor(model_dir)
     prompt = family.prompt(processor)
-    with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory(dir=staging.parent) as scratch:
-        full_llm, full_mmproj = Path(scratch) / "llm-F16.gguf", Path(scratch) / "mmproj-F32.gguf"
+    with atomic_dir(out_dir) as staging, scratch_dir(out_dir) as scratch:
+        full_llm, full_mmproj = scratch / "llm-F16.gguf", scratch / "mmproj-F32.gguf"
         write_llm_gguf(model_dir, full_llm, "F16", family=family)
         write_mmproj_gguf(model_dir, full_mmproj, family=family, processor=processor)
         log.info("quantizing the LLM to %s and the mmproj to %s (projector %s) with llama.cpp",

@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -48,7 +47,7 @@ from vlm_factory.export.onnx_optimize import (cpu_fallback_ops, fusions_applied,
                                               ort_optimize, run_graph, to_ort_format, transformer_fusions)
 from vlm_factory.export.onnx_quantize import (calibration_pixels, convert_fp16, quantize_decoder_dynamic,
                                               quantize_vision_static)
-from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.io import atomic_dir, scratch_dir, write_json
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 
@@ -186,9 +185,7 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
     records = read_jsonl(data_dir / "train.jsonl")  # before any work: a missing split fails in a second
     precision = settings["precision"]
     started = time.perf_counter()
-    with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory(dir=staging.parent,
-                                                                    prefix=f".{out_dir.name}.work.") as scratch:
-        scratch = Path(scratch)
+    with atomic_dir(out_dir) as staging, scratch_dir(out_dir) as scratch:
         raw_dir = scratch / "fp32"
         fp32_report = export_onnx_fp32(model_dir, raw_dir)
         for path in raw_dir.iterdir():
