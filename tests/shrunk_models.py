@@ -29,6 +29,14 @@ CHATML_TEMPLATE = (
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# SmolVLM-256M/500M-Instruct's template as it renders: "<|im_start|>User:<image>question<end_of_utterance>\n
+# Assistant:" (no space after the colon when the turn opens with an image; written here, not copied).
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 CORPUS = ["What color is the circle? red", "How many shapes are there? three", "Is there a square? yes",
           "Which digit is shown? seven", "Where is the triangle? left", "What shape is blue? star"] * 20
 
@@ -70,6 +78,30 @@ def _qwen2_tokenizer(tokens: int):
                                                          show_progress=False))
     tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+
+
+def _smollm2_tokenizer(tokens: int, grid: int = 6):
+    """A SmolLM2 style tokenizer: byte-level BPE with single digits, no BOS added, the ChatML specials
+    first, then SmolVLM's image tokens: `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`,
+    `<global-img>` and one `<row_r_col_c>` per tile of a `grid` x `grid` split (the real one has 6x6)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    image_specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+        f"<row_{r}_col_{c}>" for r in range(1, grid + 1) for c in range(1, grid + 1)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=tokens - len(image_specials),
+                                                         special_tokens=specials,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    tok.add_special_tokens(image_specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>",
                                    extra_special_tokens={"image_token": "<image>"}, padding_side="left")
 
 
@@ -156,6 +188,48 @@ def llava_interleave_qwen2(out: Path, layout: str = "hub", seed: int = 0, text_h
         for name, param in model.named_parameters():
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 param.normal_(0.0, 0.5)
+    return _save(model, processor, out, layout)
+
+
+def smolvlm_256m(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int = 576,
+                 text_intermediate: int = 1536) -> Path:
+    """HuggingFaceTB/SmolVLM-256M-Instruct shrunk: Idefics3 (SigLIP-style tower, patch 16, pixel shuffle
+    with scale factor 4 into a linear connector), SmolLM2 Llama (9 query / 3 KV heads, head_dim 64,
+    tied embeddings, width 576: not a multiple of 256, so no K-quant blocks), SmolVLM's chat template,
+    image splitting with LANCZOS. The tile is 128 px (real: 512) so a tile is 8x8 patches (real: 32x32)
+    and scale factor 4 leaves 2x2 = 4 tokens per tile (real: 64); the longest edge is 4 tiles (512 px,
+    real: 2048), so images split into at most 4x4 tiles + the global view. `text_hidden` (a multiple of
+    18: 9 heads of even size) / `text_intermediate` shrink the LLM further (the default is the real width)."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+
+    tile, patch, scale = 128, 16, 4
+    tokens_per_tile = (tile // patch // scale) ** 2
+    tokenizer = _smollm2_tokenizer(400)
+    ids = tokenizer.convert_tokens_to_ids
+    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=tile, patch_size=patch, hidden_act="gelu_pytorch_tanh",
+                                  layer_norm_eps=1e-6)
+    text = LlamaConfig(hidden_size=text_hidden, intermediate_size=text_intermediate, num_hidden_layers=2,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=text_hidden // 9,
+                       vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to 64 rows, past the tokenizer
+                       max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                       tie_word_embeddings=True, bos_token_id=ids("<|im_start|>"),
+                       eos_token_id=ids("<end_of_utterance>"), pad_token_id=ids("<|im_end|>"))
+    config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=ids("<image>"),
+                            scale_factor=scale, tie_word_embeddings=True, pad_token_id=ids("<|im_end|>"))
+    # The PIL backend explicitly: it is what AutoProcessor picks without torchvision >= 0.27 (LANCZOS);
+    # both save as "Idefics3ImageProcessor", as the hub has it.
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 4 * tile}, max_image_size={"longest_edge": tile},
+                                                resample=1, do_image_splitting=True, image_mean=[0.5, 0.5, 0.5],
+                                                image_std=[0.5, 0.5, 0.5])
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens_per_tile,
+                                  chat_template=SMOLVLM_TEMPLATE)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids("<end_of_utterance>")
+    model.generation_config.pad_token_id = ids("<|im_end|>")
     return _save(model, processor, out, layout)
 
 
