@@ -245,13 +245,13 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
 def test_llm_layout_vocabulary_and_prompt_match_the_checkpoint(request, tmp_path, variant):
     from safetensors import safe_open
 
-    from vlm_factory.export.gguf_io import load_processor
     from vlm_factory.export.gguf_llm import permute_rotary
     from vlm_factory.families import family_of
     from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
 
     checkpoint = request.getfixturevalue({"qwen2": "qwen2_hub", "clip_llama": "clip_llama"}[variant])
-    family, processor = family_of(checkpoint), load_processor(checkpoint)
+    family = family_of(checkpoint)
+    processor = family.load_processor(checkpoint)
     prompt, tokenizer, text = family.prompt(processor), processor.tokenizer, family.text
     llm, mmproj = _f32_package(checkpoint, tmp_path)
     reader = gguf.GGUFReader(str(llm))

@@ -67,11 +67,11 @@ def test_metadata_tensors_and_tokenizer(llm_f32):
 def test_bundled_base_prompt_is_unchanged():
     """The prompt llama.cpp answers comes from the export (the family's, from the chat template):
     for the bundled base it is, bit for bit, the template it was trained with."""
-    from vlm_factory.export.gguf_io import load_processor
     from vlm_factory.families import family_of
     from vlm_factory.model.prompt import IMAGE_TOKEN, user_prompt
 
-    spec = family_of(BUNDLED_BASE).prompt(load_processor(BUNDLED_BASE))
+    family = family_of(BUNDLED_BASE)
+    spec = family.prompt(family.load_processor(BUNDLED_BASE))
     question = " What color is the circle? "
     assert spec.render(question) == user_prompt(question)
     assert spec.image_token == IMAGE_TOKEN and spec.add_special_tokens
@@ -143,7 +143,8 @@ def test_unsupported_checkpoints_are_refused(tmp_path, random_checkpoint):
     with pytest.raises(UserError, match="one layer index is supported, not a list"):
         write_mmproj_gguf(two_layers, tmp_path / "mmproj.gguf")
     # llama.cpp drops the first position exactly when the tower has a class token: SigLIP has none.
-    drop_first = variant("strategy", lambda c: c.update(vision_feature_select_strategy="default"))
+    drop_first = variant("strategy", lambda c: c.update(vision_feature_select_strategy="default",
+                                                        image_seq_length=c["image_seq_length"] - 1))
     with pytest.raises(UserError, match="drops the first position of a siglip tower without a class token"):
         write_mmproj_gguf(drop_first, tmp_path / "mmproj.gguf")
     silu = variant("silu", lambda c: c["vision_config"].update(hidden_act="silu"))

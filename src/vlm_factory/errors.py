@@ -16,9 +16,11 @@ class UserError(Exception):
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when empty), for a one-line error."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    """An exception's message on one line (its type name when empty), for a one-line error.
+
+    Lines are joined, not dropped: transformers' config validators put the reason on the second line."""
+    text = " ".join(str(exc).split())
+    return text[:limit] if text else type(exc).__name__
 
 
 class GateFailed(Exception):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_io import load_processor
 from vlm_factory.export.gguf_llm import write_llm_gguf
 from vlm_factory.export.gguf_mmproj import write_mmproj_gguf
 from vlm_factory.export.gguf_quantize import quantize
 from vlm_factory.io import atomic_dir, scratch_dir, write_json
+from vlm_factory.model.checkpoint import check_weights_match_config
 from vlm_factory.runtime.gguf_check import open_gguf
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> di
     started = time.perf_counter()
     family = family_of(model_dir)
     family.require_format("gguf")
-    processor = load_processor(model_dir)
+    processor = family.load_processor(model_dir)  # contained, processor files checked
+    check_weights_match_config(family, sorted(Path(model_dir).glob("*.safetensors")))  # before any tensor is read
     prompt = family.prompt(processor)
     with atomic_dir(out_dir) as staging, scratch_dir(out_dir) as scratch:
         full_llm, full_mmproj = scratch / "llm-F16.gguf", scratch / "mmproj-F32.gguf"

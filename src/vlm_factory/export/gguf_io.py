@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from vlm_factory.errors import UserError
-from vlm_factory.hf_files import load_pretrained
 from vlm_factory.io import atomic_path
+from vlm_factory.model.checkpoint import read_safetensors_header
 
 
 @dataclass(frozen=True)
@@ -39,26 +39,18 @@ class CheckpointTensor:
 
 
 def component_tensors(model_dir: Path, family, component: str) -> Iterator[CheckpointTensor]:
-    """Every tensor the family places in `component` ("llm", "vision", "connector"), in file and key order."""
-    from safetensors import safe_open
+    """Every tensor the family places in `component` ("llm", "vision", "connector"), in file and key order.
 
+    Keys and shapes come from each file's header, checked against the file (model.checkpoint), so a
+    malformed safetensors file is a one-line error before any tensor is read."""
     weights = sorted(Path(model_dir).glob("*.safetensors"))
     if not weights:
         raise UserError(f"{model_dir}: no .safetensors weights; run the stage that produces the checkpoint")
     for path in weights:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                placed = family.checkpoint_key(key)
-                if placed is not None and placed.component == component:
-                    yield CheckpointTensor(path, key, placed.local, tuple(f.get_slice(key).get_shape()))
-
-
-def load_processor(model_dir: Path):
-    """The checkpoint's processor (transformers' AutoProcessor: hub and transformers-5 layouts alike)."""
-    from transformers import AutoProcessor
-
-    return load_pretrained(AutoProcessor, model_dir, "the processor (tokenizer + image processor files)",
-                           fix="re-download or re-save it")
+        for key, shape in sorted(read_safetensors_header(path).items()):
+            placed = family.checkpoint_key(key)
+            if placed is not None and placed.component == component:
+                yield CheckpointTensor(path, key, placed.local, shape)
 
 
 def deferred(shape: tuple[int, ...], dtype, compute: Callable[[], np.ndarray]):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_factory.errors import UserError
-from vlm_factory.export.gguf_io import component_tensors, deferred, load_processor, write_gguf
+from vlm_factory.export.gguf_io import component_tensors, deferred, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=No
     model_dir = Path(model_dir)
     family = family or family_of(model_dir)
     family.require_format("gguf")
-    processor = processor if processor is not None else load_processor(model_dir)
+    processor = processor if processor is not None else family.load_processor(model_dir)
     preprocessing = family.preprocessing(processor)
     _check(family, preprocessing, model_dir)
     vision = family.vision

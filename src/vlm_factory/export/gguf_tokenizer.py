@@ -15,7 +15,8 @@ string instead; we read what the file says):
 Anything else is refused in one line naming the file. The token list is exactly the embedding
 table long (llama.cpp requires it): rows past the tokenizer become `[PAD<i>]` tokens of type
 UNUSED, as llama.cpp's own converter writes them. BOS is added when the checkpoint's tokenizer
-adds it; the chat template is the checkpoint's own.
+adds it; the chat template is the checkpoint's own, read where its processor reads it
+(families/processor_files.py). The tokenizer files are checked first: a malformed one is named.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm_factory.errors import UserError
+from vlm_factory.families.processor_files import check_processor_files, find_chat_template
 from vlm_factory.hf_files import load_pretrained
 
 SPACE = "\u2581"  # SentencePiece's visible space
@@ -111,26 +113,13 @@ def _sentencepiece_prefix(tok: dict) -> bool | None:
 
 
 def read_chat_template(model_dir: Path) -> str | None:
-    """The checkpoint's chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
-    model_dir = Path(model_dir)
-    if (model_dir / "chat_template.jinja").is_file():
-        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    for name in ("chat_template.json", "tokenizer_config.json", "processor_config.json"):
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        try:
-            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-            raise UserError(f"{path}: not a valid JSON object ({exc})") from None
-        if isinstance(template, list):  # named templates: the default one is the chat template
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if isinstance(template, str) and template:
-            return template
-    return None
+    """The chat template the checkpoint's processor uses (processor_config.json, chat_template.json,
+    chat_template.jinja, then tokenizer_config.json: transformers' precedence), or None."""
+    found = find_chat_template(model_dir)
+    return found[1] if found else None
 
 
-def _from_tokenizer_json(tok: dict, path: Path) -> Vocabulary:
+def _from_tokenizer_json(tok: dict, path: Path, vocab_size: int) -> Vocabulary:
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise UserError(f"{path}: a {model.get('type')!r} tokenizer model; the GGUF export writes BPE tokenizers "
@@ -138,6 +127,7 @@ def _from_tokenizer_json(tok: dict, path: Path) -> Vocabulary:
     vocab: dict[int, str] = {i: t for t, i in model.get("vocab", {}).items()}
     added = {t["id"]: t for t in tok.get("added_tokens", [])}
     vocab.update({i: t["content"] for i, t in added.items()})
+    _check_fits(vocab, vocab_size, path)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     types = {i: (CONTROL if t.get("special") else USER_DEFINED) for i, t in added.items()}
     if model.get("byte_fallback"):
@@ -166,6 +156,13 @@ def _from_tokenizer_json(tok: dict, path: Path) -> Vocabulary:
                         f"{_describe(tok.get('normalizer'))}) is not one llama.cpp knows here: byte-level BPE with "
                         "GPT-2's or Qwen2's split, or SentencePiece-style BPE with byte fallback")
     return Vocabulary(model="gpt2", pre=pre, merges=merges, **_indexed(vocab, types, None))
+
+
+def _check_fits(vocab: dict[int, str], vocab_size: int, source: Path) -> None:
+    """Token ids inside the embedding table, checked before any list is made as long as the largest id."""
+    if vocab and (max(vocab) >= vocab_size or min(vocab) < 0):
+        raise UserError(f"{source}: the tokenizer has token ids up to {max(vocab)} but the model's embedding "
+                        f"table only {vocab_size} rows (text_config.vocab_size); they must belong together")
 
 
 def _indexed(vocab: dict[int, str], types: dict[int, int], scores: dict[int, float] | None) -> dict:
@@ -198,10 +195,11 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
+    check_processor_files(model_dir)  # a malformed tokenizer file or chat template is named, not a traceback
     tokenizer = load_pretrained(AutoTokenizer, model_dir, "the tokenizer", fix="re-download or re-save it")
     source = model_dir / "tokenizer.json"
     if source.is_file():
-        tok = json.loads(source.read_text(encoding="utf-8"))
+        tok = json.loads(source.read_text(encoding="utf-8"))  # a JSON object tokenizers reads (checked above)
     elif getattr(tokenizer, "backend_tokenizer", None) is not None:
         # Only a tokenizer.model: transformers converted it (its SentencePiece converter) to the same structure.
         source = model_dir / "tokenizer.model"
@@ -209,7 +207,7 @@ def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
     else:
         raise UserError(f"{model_dir}: no tokenizer.json (or tokenizer.model transformers can convert); "
                         "the GGUF needs the model's tokenizer")
-    vocabulary = _from_tokenizer_json(tok, source)
+    vocabulary = _from_tokenizer_json(tok, source, vocab_size)
     _pad(vocabulary, vocab_size, source)
     for role in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)

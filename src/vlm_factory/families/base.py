@@ -11,7 +11,10 @@ A family (one module each: llava.py, ...) is registered by the HF `model_type` o
   layout every runtime config is written from, and the llama.cpp names of the model's parts.
 
 A (family, format) pair is either supported or refused with a reason (`format_refusal`), checked
-before any work starts.
+before any work starts. A config whose numbers no real checkpoint has (a zero patch, a billion layers,
+heads that do not divide) is refused when a family is bound to it (`validate`, bounds in facts_bounds.py),
+in one line naming config.json and the key; `check_config_json` applies the same rules to config.json
+before transformers reads it.
 """
 
 from __future__ import annotations
@@ -136,6 +139,22 @@ class ModelFamily(ABC):
     def __init__(self, config, source: Path | str | None = None):
         self.config = config
         self.source = str(source) if source is not None else "model config"
+        # What errors about the config's values name: the file a user edits.
+        self.config_file = str(Path(source) / "config.json") if source is not None else "config.json"
+        self.validate()
+
+    # -- bounds ---------------------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def check_config_json(cls, raw: dict, where: str) -> None:
+        """Refuse, in one line naming `where` and the key, a value of config.json (parsed, not yet read by
+        transformers) of the wrong JSON type or out of bounds (see facts_bounds.py)."""
+
+    @abstractmethod
+    def validate(self) -> None:
+        """Refuse a bound config whose facts are out of bounds or disagree with each other, in one line
+        naming config.json and the key to edit. Runs when the family is bound, before any model is built."""
 
     # -- identity -----------------------------------------------------------------------------------
 

@@ -12,15 +12,22 @@ is dropped, with `full` every position is kept.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from vlm_factory.errors import UserError
+from vlm_factory.errors import UserError, first_line
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.io import read_json
 from vlm_factory.families.base import CheckpointKey, DecoderParts, ModelFamily, PromptSpec, TextFacts, VisionFacts
+from vlm_factory.families.facts_bounds import (BOOL, FEATURE_LAYER, MAX_CHANNELS, MAX_CONFIG_BYTES,
+                                               MAX_CONFIG_DEPTH, MAX_IMAGE_SIZE, MAX_IMAGE_TOKENS, MAX_VOCAB,
+                                               OBJECT, STRING, TEXT_BOUNDS, VISION_BOUNDS, Rule, check_json_keys,
+                                               check_text_facts, check_vision_facts, int_in, json_depth, one_of,
+                                               optional, positive_int, shown)
 from vlm_factory.families.param_counts import decoder_params, vision_tower_params
+from vlm_factory.families.processor_files import chat_template_sources, check_processor_files
 
 TOWERS = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
 LLMS = ("llama", "qwen2")
@@ -31,6 +38,66 @@ CLIP_GGUF_NOTE = ("llama.cpp (pinned) puts a CLIP tower's CLS token after the pa
                   "(ggml-org/llama.cpp#25814, fix PR #25844): its mmproj fails the embedding gate")
 PROMPT_QUESTION, PROMPT_ANSWER = "{question}", "{answer}"
 RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+# Where each normalised fact comes from in config.json: the key an error names, the one a user edits.
+TEXT_FACT_KEYS = {
+    "hidden_size": "text_config.hidden_size", "intermediate_size": "text_config.intermediate_size",
+    "num_layers": "text_config.num_hidden_layers", "num_heads": "text_config.num_attention_heads",
+    "num_kv_heads": "text_config.num_key_value_heads", "head_dim": "text_config.head_dim",
+    "vocab_size": "text_config.vocab_size", "max_positions": "text_config.max_position_embeddings",
+    "rope_theta": "text_config.rope_parameters.rope_theta", "rms_norm_eps": "text_config.rms_norm_eps",
+    "bos_token_id": "text_config.bos_token_id", "eos_token_id": "text_config.eos_token_id",
+    "pad_token_id": "text_config.pad_token_id",
+}
+VISION_FACT_KEYS = {
+    "image_size": "vision_config.image_size", "patch_size": "vision_config.patch_size",
+    "num_channels": "vision_config.num_channels", "hidden_size": "vision_config.hidden_size",
+    "intermediate_size": "vision_config.intermediate_size", "num_layers": "vision_config.num_hidden_layers",
+    "num_heads": "vision_config.num_attention_heads", "layer_norm_eps": "vision_config.layer_norm_eps",
+}
+# Facts transformers derives when config.json says null: key/value heads (= the heads), head_dim (hidden / heads).
+NULL_DERIVED = ("num_kv_heads", "head_dim")
+# The image token's id: transformers 5 writes `image_token_index`, some configs `image_token_id`.
+IMAGE_TOKEN_KEYS = ("image_token_index", "image_token_id")
+
+
+def _config_rules() -> dict[str, Rule]:
+    """Every config.json key the LLaVA facts read, with its rule (facts_bounds.py holds the bounds)."""
+    rules = {"model_type": STRING, "text_config": OBJECT, "vision_config": OBJECT,
+             "text_config.model_type": STRING, "vision_config.model_type": STRING,
+             "text_config.rope_parameters": optional(OBJECT),
+             # transformers 4 configs keep the rotary base beside the other keys
+             "text_config.rope_theta": TEXT_BOUNDS["rope_theta"]}
+    for fact, key in TEXT_FACT_KEYS.items():
+        rules[key] = optional(TEXT_BOUNDS[fact]) if fact in NULL_DERIVED else TEXT_BOUNDS[fact]
+    rules.update({key: VISION_BOUNDS[fact] for fact, key in VISION_FACT_KEYS.items()})
+    rules.update({key: int_in(0, MAX_VOCAB - 1) for key in IMAGE_TOKEN_KEYS})
+    rules.update({
+        "vision_feature_layer": FEATURE_LAYER, "vision_feature_select_strategy": one_of("default", "full"),
+        "image_seq_length": positive_int(MAX_IMAGE_TOKENS), "projector_hidden_act": STRING,
+        "tie_word_embeddings": BOOL, "multimodal_projector_bias": BOOL, "text_config.attention_bias": BOOL,
+        "text_config.mlp_bias": BOOL, "text_config.tie_word_embeddings": BOOL, "vision_config.hidden_act": STRING,
+        "vision_config.vision_use_head": BOOL,
+    })
+    return rules
+
+
+CONFIG_RULES = _config_rules()
+
+_ABSENT = object()
+
+
+def _stated(raw: dict, fact_keys: dict[str, str]) -> dict:
+    """The facts config.json states itself (by fact name), before transformers adds its defaults; a null
+    one is left to transformers like an absent one (the key's own rule has said whether null may be)."""
+    stated = {}
+    for fact, key in fact_keys.items():
+        node = raw
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT and node is not None:
+            stated[fact] = node
+    return stated
 
 
 def _strip(key: str, prefixes: tuple[str, ...]) -> str | None:
@@ -47,45 +114,106 @@ def _size_dict(size) -> dict | None:
     return {k: int(v) for k, v in items if v is not None}
 
 
-def image_preprocessing(image_processor) -> dict:
+def image_preprocessing(image_processor, source: str = "the image processor") -> dict:
     """A CLIP/SigLIP/LLaVA image processor's steps as plain data (runtime/preprocess.py implements it).
 
-    The pad colour is what LlavaImageProcessor computes: int(mean * 255) per channel.
+    The pad colour is what LlavaImageProcessor computes: int(mean * 255) per channel. A setting that
+    cannot be read or makes no image (a zero std, a negative size) is refused naming `source` and the key.
     """
     p = image_processor
-    mean = [float(m) for m in p.image_mean]
+
+    def setting(key: str, read=lambda value: value, default=_ABSENT):
+        try:
+            value = getattr(p, key) if default is _ABSENT else getattr(p, key, default)
+            return read(value)
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise UserError(f"{source}: {key} is not usable ({first_line(exc)}); fix or re-download it") from None
+
+    mean = setting("image_mean", _channel_numbers)
+    normalize = setting("do_normalize", bool)
     return {
-        "convert_rgb": bool(getattr(p, "do_convert_rgb", True)),
-        "pad_to_square": bool(getattr(p, "do_pad", False)),
+        "convert_rgb": setting("do_convert_rgb", bool, True),
+        "pad_to_square": setting("do_pad", bool, False),
         "pad_color": [int(m * 255) for m in mean],
-        "resize": _size_dict(p.size) if p.do_resize else None,
-        "resample": RESAMPLE_NAMES.get(int(p.resample), str(p.resample)),
-        "center_crop": _size_dict(p.crop_size) if getattr(p, "do_center_crop", False) else None,
-        "rescale_factor": float(p.rescale_factor) if p.do_rescale else 1.0,
-        "mean": mean if p.do_normalize else [0.0, 0.0, 0.0],
-        "std": [float(s) for s in p.image_std] if p.do_normalize else [1.0, 1.0, 1.0],
+        "resize": setting("size", _sizes) if setting("do_resize", bool) else None,
+        "resample": setting("resample", lambda r: RESAMPLE_NAMES.get(int(r), str(r))),
+        "center_crop": setting("crop_size", _sizes) if setting("do_center_crop", bool, False) else None,
+        "rescale_factor": setting("rescale_factor", _positive_number) if setting("do_rescale", bool) else 1.0,
+        "mean": mean if normalize else [0.0, 0.0, 0.0],
+        "std": setting("image_std", _divisors) if normalize else [1.0, 1.0, 1.0],
         "layout": "NCHW", "dtype": "float32",
     }
+
+
+def _channel_numbers(values) -> list[float]:
+    numbers = [float(v) for v in values]
+    if not 1 <= len(numbers) <= MAX_CHANNELS or not all(math.isfinite(n) for n in numbers):
+        raise ValueError(f"must be 1..{MAX_CHANNELS} finite numbers, one per channel; got {numbers[:MAX_CHANNELS]}")
+    return numbers
+
+
+def _divisors(values) -> list[float]:
+    numbers = _channel_numbers(values)
+    if not all(n > 0 for n in numbers):
+        raise ValueError(f"must be above 0, images are divided by it; got {numbers}")
+    return numbers
+
+
+def _positive_number(value) -> float:
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"must be a finite number above 0; got {number}")
+    return number
+
+
+def _sizes(size) -> dict | None:
+    sizes = _size_dict(size)
+    if sizes is not None and not (sizes and all(1 <= v <= MAX_IMAGE_SIZE for v in sizes.values())):
+        raise ValueError(f"must be sizes in 1..{MAX_IMAGE_SIZE} px; got {sizes}")
+    return sizes
+
+
+def _processor_dir(processor) -> Path | None:
+    """The directory a processor was loaded from (transformers records it on the tokenizer), if any."""
+    name = getattr(getattr(processor, "tokenizer", None), "name_or_path", None)
+    return Path(name) if isinstance(name, str) and name and Path(name).is_dir() else None
+
+
+def _template_origin(processor, template: str, source: str) -> str:
+    """The file `template` was read from (what an error about it names), else a description."""
+    directory = _processor_dir(processor)
+    if directory is not None:
+        for path, text in chat_template_sources(directory):
+            if text == template:
+                return str(path)
+    return f"{source}: the processor's chat template"
 
 
 def chat_prompt(processor, image_tokens: int, source: str) -> PromptSpec:
     """The checkpoint's own chat template, rendered once with placeholders for question and answer."""
     tokenizer = processor.tokenizer
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    if not template:
+    if isinstance(template, dict):  # named templates: the default one is the chat template
+        template = template.get("default")
+    if not template or not isinstance(template, str):
         raise UserError(f"{source}: no chat template (chat_template.json, chat_template.jinja or "
                         "tokenizer_config.json); add the model's template to the checkpoint")
+    origin = _template_origin(processor, template, source)
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT_QUESTION}]}
     assistant = {"role": "assistant", "content": [{"type": "text", "text": PROMPT_ANSWER}]}
     try:
         prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False,
                                                chat_template=template)
         full = processor.apply_chat_template([user, assistant], tokenize=False, chat_template=template)
+    except RecursionError:
+        raise UserError(f"{origin}: the chat template is nested too deeply to be a real one") from None
     except Exception as exc:  # jinja2 errors carry no common base with transformers'
-        raise UserError(f"{source}: the chat template cannot be rendered ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"{origin}: the chat template cannot be rendered ({first_line(exc)})") from None
+    if not isinstance(prompt, str) or not isinstance(full, str):
+        raise UserError(f"{origin}: the chat template renders no text")
     image_token = processor.image_token
     if prompt.count(PROMPT_QUESTION) != 1 or prompt.count(image_token) != 1:
-        raise UserError(f"{source}: the chat template renders {prompt.count(image_token)} image token(s) "
+        raise UserError(f"{origin}: the chat template renders {prompt.count(image_token)} image token(s) "
                         f"{image_token!r} and {prompt.count(PROMPT_QUESTION)} question(s) for one of each")
     answer = full[len(prompt):] if full.startswith(prompt) else f" {PROMPT_ANSWER}"
     eos = tokenizer.eos_token or ""
@@ -167,11 +295,19 @@ class LlavaFamily(ModelFamily):
 
     @property
     def vision(self) -> VisionFacts:
-        v = self.config.vision_config
         layer = self.config.vision_feature_layer
-        if not isinstance(layer, int) or not -v.num_hidden_layers - 1 <= layer <= v.num_hidden_layers:
+        if not isinstance(layer, int):
             raise UserError(f"{self.source}: vision_feature_layer {layer!r} must be one layer index within "
-                            f"the tower's {v.num_hidden_layers} layers")
+                            f"the tower's {self.config.vision_config.num_hidden_layers} layers")
+        return self._vision_facts(layer)
+
+    def _vision_facts(self, layer: int) -> VisionFacts:
+        """The tower's facts with the connector reading hidden state `layer` (negative: from the end)."""
+        v = self.config.vision_config
+        if not -v.num_hidden_layers - 1 <= layer <= v.num_hidden_layers:
+            raise UserError(f"{self.config_file}: vision_feature_layer must index the tower's hidden states, "
+                            f"{-v.num_hidden_layers - 1}..{v.num_hidden_layers} for vision_config.num_hidden_layers "
+                            f"{v.num_hidden_layers} (got {layer})")
         return VisionFacts(
             tower=TOWERS.get(v.model_type, v.model_type), image_size=v.image_size, patch_size=v.patch_size,
             num_channels=getattr(v, "num_channels", 3), hidden_size=v.hidden_size,
@@ -186,13 +322,43 @@ class LlavaFamily(ModelFamily):
         tokens = vision.patches + int(vision.has_cls_token) - int(vision.drop_cls)
         declared = getattr(self.config, "image_seq_length", tokens)
         if declared != tokens:  # the processor expands the image token this many times
-            raise UserError(f"{self.source}: image_seq_length is {declared} but the vision tower yields {tokens} "
+            raise UserError(f"{self.config_file}: image_seq_length is {declared} but the vision tower yields {tokens} "
                             "tokens per image; fix image_seq_length in config.json")
         return tokens
 
     @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
+
+    # -- bounds ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def check_config_json(cls, raw: dict, where: str) -> None:
+        check_json_keys(raw, CONFIG_RULES, where)
+        check_text_facts(_stated(raw, TEXT_FACT_KEYS), TEXT_FACT_KEYS, where)
+        check_vision_facts(_stated(raw, VISION_FACT_KEYS), VISION_FACT_KEYS, where)
+
+    def validate(self) -> None:
+        where = self.config_file
+        # The same rules on the config transformers built (defaults filled in; also for configs made in code).
+        self.check_config_json(self.config.to_dict(), where)
+        layers = self.config.vision_feature_layer
+        try:
+            text = self.text
+            towers = [self._vision_facts(layer)  # a list is refused per format, later; each index must fit
+                      for layer in (layers if isinstance(layers, list) else [layers])]
+        except AttributeError as exc:  # a sub-config of another model type lacks a key the facts read
+            raise UserError(f"{where}: no {exc.name or first_line(exc)} in text_config (model_type "
+                            f"{self.config.text_config.model_type!r}) or vision_config (model_type "
+                            f"{self.config.vision_config.model_type!r}), which the LLaVA family reads") from None
+        check_text_facts(text.as_dict(), TEXT_FACT_KEYS, where)
+        for vision in towers:
+            check_vision_facts(vision.as_dict(), VISION_FACT_KEYS, where)
+        if not self.image_token_id < text.vocab_size:
+            raise UserError(f"{where}: {' / '.join(IMAGE_TOKEN_KEYS)} must be below text_config.vocab_size "
+                            f"(got {self.image_token_id} with {text.vocab_size} tokens)")
+        if isinstance(layers, int):
+            self.image_tokens  # image_seq_length must be what the tower yields
 
     @property
     def connector_type(self) -> str:
@@ -214,14 +380,16 @@ class LlavaFamily(ModelFamily):
     def load(self, path: Path):
         from transformers import LlavaForConditionalGeneration
 
+        processor = self.load_processor(path)  # first: its files are small, the weights are not
         model = load_pretrained(LlavaForConditionalGeneration, path, "the checkpoint", fix="re-download or re-save it",
                                 use_safetensors=True, dtype=torch.float32)
         model.eval()
-        return model, self.load_processor(path)
+        return model, processor
 
     def load_processor(self, path: Path):
         from transformers import AutoProcessor
 
+        check_processor_files(path)  # a malformed file is named before transformers reads it
         return load_pretrained(AutoProcessor, path, "the processor (tokenizer + image processor files)",
                                fix="re-download or re-save it")
 
@@ -271,13 +439,41 @@ class LlavaFamily(ModelFamily):
         return None
 
     def preprocessing(self, processor) -> dict:
-        return image_preprocessing(processor.image_processor)
+        return image_preprocessing(processor.image_processor, _image_processor_file(processor, self.source))
 
     def prompt(self, processor) -> PromptSpec:
         return chat_prompt(processor, self.image_tokens, self.source)
 
 
+def _image_processor_file(processor, source: str) -> str:
+    """The file the image processor's settings were read from: preprocessor_config.json (hub layout) or
+    processor_config.json (transformers 5 nests them there)."""
+    directory = _processor_dir(processor)
+    if directory is not None:
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if (directory / name).is_file():
+                return str(directory / name)
+    return f"{source}: the image processor"
+
+
 def read_config_json(path: Path) -> dict:
-    """config.json of a model directory, or a one-line error naming it."""
-    return read_json(Path(path) / "config.json", fix="the model directory is damaged; download it again",
-                     missing=f"{path}: not a model directory (no config.json); run the stage that produces it")
+    """config.json of a model directory as a JSON object whose values the LLaVA family reads are of the
+    right type and within bounds (facts_bounds.py), or a one-line error naming it and the key.
+
+    Runs before transformers reads the file: a config it would hang or allocate on never reaches it."""
+    where = Path(path) / "config.json"
+    fix = "the model directory is damaged; download it again"
+    if where.is_file() and where.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{where}: {where.stat().st_size} bytes; a model config is a few KB ({fix})")
+    raw = read_json(where, fix=fix,
+                    missing=f"{path}: not a model directory (no config.json); run the stage that produces it")
+    depth = json_depth(raw)
+    if depth > MAX_CONFIG_DEPTH:
+        raise UserError(f"{where}: nested {depth} levels deep; a model config nests a few ({fix})")
+    if not isinstance(raw.get("model_type"), str):
+        got = f"got {shown(raw['model_type'])}" if "model_type" in raw else "it has none"
+        raise UserError(f"{where}: model_type must be a string naming the model family ({got}); "
+                        "fix or re-download config.json")
+    if raw["model_type"] in LlavaFamily.model_types:
+        LlavaFamily.check_config_json(raw, str(where))
+    return raw
