@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,22 @@ def moto_s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class Hang(BaseException):
+    """A test body ran past its deadline. A BaseException, so that no `except Exception` in the code under
+    test can turn a hang into a UserError and pass."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Fail (instead of hanging) when the body runs past `seconds` (SIGALRM, main thread)."""
+    def expire(signum, frame):
+        raise Hang(f"still running after {seconds} s: a hang")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

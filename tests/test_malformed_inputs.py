@@ -8,11 +8,9 @@ the tensor (or loads, where the file is truly valid). The runtime runs in a subp
 in llama.cpp fails a test instead of killing pytest; everything runs under an alarm, so a hang does too.
 """
 
-import contextlib
 import io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -23,26 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BUNDLED_BASE
+from conftest import BUNDLED_BASE, deadline
 from vlm_factory.data import images as images_module
 from vlm_factory.data.images import decode_image, load_image
 from vlm_factory.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging) when the body runs past `seconds`."""
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def assert_one_line_user_error(call, name: str, *needles: str) -> str:

@@ -24,13 +24,11 @@ Every call runs under an alarm, so a hang fails instead of stalling the suite.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUNDLED_BASE, ROOT
+from conftest import BUNDLED_BASE, deadline, ROOT
 from shrunk_models import llava15_clip_llama, llava_interleave_qwen2
 from vlm_factory.errors import UserError
 from vlm_factory.families import family_of
@@ -51,23 +49,10 @@ DEADLINE_S = 30
 DELETE = object()  # a mutation value: remove the key
 
 
-@contextlib.contextmanager
-def deadline(seconds: int = DEADLINE_S):
-    """Fail (instead of hanging) when the body runs past `seconds`."""
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 def expect_user_error(call: Callable[[], object], *needles: str) -> str:
     """`call` raises a one-line UserError containing every needle; any other exception fails the test."""
-    with deadline(), pytest.raises(UserError) as info:
+    with deadline(DEADLINE_S), pytest.raises(UserError) as info:
         call()
     message = str(info.value)
     assert "\n" not in message and "\r" not in message, message
@@ -183,7 +168,7 @@ def test_the_allow_list_names_real_keys_and_values():
 def test_numeric_key_values(bases, tmp_path, base, key, value_name):
     directory = with_config(bases, base, tmp_path, **{key.replace(".", "__"): BAD_VALUES[value_name]})
     if (key, value_name) in VALID_VALUES:
-        with deadline():
+        with deadline(DEADLINE_S):
             family = family_of(directory)
             family.summary(), family.param_counts()  # every fact computes
         return
@@ -220,7 +205,7 @@ def test_deletable_keys_are_numeric_keys():
 def test_deleted_key(bases, tmp_path, base, key):
     directory = with_config(bases, base, tmp_path, **{key.replace(".", "__"): DELETE})
     try:
-        with deadline():
+        with deadline(DEADLINE_S):
             family_of(directory)
     except UserError as exc:  # refused: the default disagrees with the rest of config.json
         assert "\n" not in str(exc) and "config.json" in str(exc), str(exc)
@@ -232,7 +217,7 @@ def test_deleted_key(bases, tmp_path, base, key):
 def load_or_refuse(directory: Path) -> None:
     """The model loads, or is refused in one line naming a file of the directory, before transformers allocates."""
     try:
-        with deadline():
+        with deadline(DEADLINE_S):
             load_model(directory)
     except UserError as exc:
         message = str(exc)
@@ -287,7 +272,7 @@ def test_a_patch_that_does_not_divide_the_image_is_a_real_tower(bases, tmp_path)
     """60 px with 14 px patches: the patch convolution floors to 4 x 4 (as SigLIP so400m-patch14-384 reads
     27 x 27 patches of 384 px); the same 16 image tokens, the same weights: the model loads."""
     directory = with_config(bases, "clip_llama", tmp_path, vision_config__image_size=60)
-    with deadline():
+    with deadline(DEADLINE_S):
         family, _, _ = load_model(directory)
     assert family.image_tokens == 16
 
@@ -491,7 +476,7 @@ def test_named_templates_give_the_default(bases, tmp_path):
                                                       {"name": "default", "template": original}])
     from vlm_factory.export.gguf_tokenizer import read_chat_template
 
-    with deadline():
+    with deadline(DEADLINE_S):
         assert read_chat_template(directory) == original
 
 
@@ -681,7 +666,7 @@ def test_generation_config(bases, tmp_path, mutation):
 @pytest.mark.parametrize("base", BASES)
 def test_the_unbroken_bases_load(bases, base):
     """The checks refuse nothing real: every base loads, with its prompt, preprocessing and GGUF vocabulary."""
-    with deadline():
+    with deadline(DEADLINE_S):
         family, _, processor = load_model(bases[base])
         family.prompt(processor), family.preprocessing(processor)
     gguf_entry(bases[base])

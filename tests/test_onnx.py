@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import BUNDLED_BASE
 from vlm_factory.errors import UserError
@@ -226,3 +227,22 @@ def test_runtime_refuses_a_directory_without_an_export(tmp_path):
 
     with pytest.raises(UserError, match="genai_config.json: not found"):
         OnnxRuntime(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P-transparent", "L", "CMYK"])
+def test_transparent_and_other_modes_preprocess_like_the_processor(mode):
+    """transformers composites transparency onto white; PIL's plain convert("RGB") would keep the colour
+    under a transparent pixel (3.8 apart on the normalised scale)."""
+    from vlm_factory.families import family_of
+    from vlm_factory.runtime.preprocess import preprocess
+
+    family = family_of(BUNDLED_BASE)
+    processor = family.load_processor(BUNDLED_BASE)
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")  # alpha varies per pixel
+    image = {"RGBA": rgba, "LA": rgba.convert("LA"), "L": rgba.convert("L"), "CMYK": rgba.convert("RGB").convert("CMYK"),
+             "P-transparent": rgba.convert("RGB").convert("P")}[mode]
+    if mode == "P-transparent":
+        image.info["transparency"] = 0
+    expected = processor.image_processor([image], return_tensors="np").pixel_values[0]
+    assert _max_diff(preprocess(image, family.preprocessing(processor)), expected) <= PIXELS_ATOL, mode

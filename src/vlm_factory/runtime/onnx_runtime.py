@@ -6,6 +6,12 @@ the tokenizer files. Preprocessing is done with PIL and numpy from that config (
 rather than by transformers' processor, so the parity gate measures what a device app would compute;
 the prompt is the exported PromptSpec (runtime/prompting.py), whatever the model's chat template is.
 
+The config is validated before anything opens (runtime/artifact_schema.py `GenaiConfig`), then
+checked against the graphs themselves: every input and output name it derives exists, each graph
+takes exactly what the adapter feeds, and the static dims (image size, KV heads, head size, hidden
+size, vocabulary) agree. A mismatch is one line naming genai_config.json and the key, not an
+onnxruntime error in the middle of a run.
+
 Decoding is batch 1 and greedy, like the reference: the prompt (image features merged at the
 image-token positions) is prefilled against an empty (zero-length) KV cache, then one token at a
 time until an EOS id (the config's `eos_token_id`, one id or a list) or MAX_ANSWER_TOKENS.
@@ -20,16 +26,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlm_factory.artifacts import read_artifact_json
-from vlm_factory.errors import UserError
+from vlm_factory.artifacts import check_loader_json, config_files, read_artifact_json
+from vlm_factory.errors import UserError, first_line
 from vlm_factory.hf_files import load_pretrained
-from vlm_factory.paths import contained
+from vlm_factory.runtime.artifact_schema import GenaiConfig, OnnxModel, config_error, parse_config
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_pixel_values
-from vlm_factory.runtime.prompting import eos_ids, greedy_tokens, prompt_from_config, prompt_token_ids
+from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
 
 # The exporter's name for it (export/onnx_graphs.py); runtimes never import exporters.
 GENAI_CONFIG = "genai_config.json"
+ROLES = ("vision", "embedding", "decoder")
+TOKENIZER = "the export's tokenizer (tokenizer.json, tokenizer_config.json)"
+FLOAT, INT64 = "tensor(float)", "tensor(int64)"
 
 
 def _session_options(intra_op_threads: int | None):
@@ -58,6 +67,114 @@ def _open_session(path: Path, options, providers: Sequence[str]):
         raise UserError(f"{path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0][:200]})") from None
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """What InferenceSession.run raises for inputs a graph refuses (its own types derive from Exception)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return (ValueError, RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
+
+
+class _GraphCheck:
+    """One graph's declared inputs and outputs against what genai_config.json says about them."""
+
+    def __init__(self, session, path: Path, config_path: Path):
+        self.path, self.config_path = path, config_path
+        self.inputs = {arg.name: arg for arg in session.get_inputs()}
+        self.outputs = {arg.name: arg for arg in session.get_outputs()}
+
+    def fail(self, key: str, reason: str) -> UserError:
+        return config_error(self.config_path, key, f"{reason} ({self.path.name})")
+
+    def takes_exactly(self, fed: dict[str, str], extra_key: str) -> None:
+        """The graph's inputs are the names in `fed` (key -> name), no more: the adapter feeds only those."""
+        for key, name in fed.items():
+            if name not in self.inputs:
+                raise self.fail(key, f"names input {name!r}, which the graph does not take")
+        extra = sorted(set(self.inputs) - set(fed.values()))
+        if extra:
+            raise self.fail(extra_key, f"leaves graph input(s) {extra[:3]} unfed")
+
+    def gives(self, wanted: dict[str, str]) -> None:
+        for key, name in wanted.items():
+            if name not in self.outputs:
+                raise self.fail(key, f"names output {name!r}, which the graph does not give")
+
+    def dims(self, name: str, expected: dict[int, tuple[str, int]], rank: int, output: bool = False) -> None:
+        """Static dims of tensor `name` equal the config's: {axis: (key, value)}; symbolic dims pass."""
+        arg = (self.outputs if output else self.inputs)[name]
+        shape = arg.shape if isinstance(arg.shape, list) else []
+        if not shape:  # no shape declared: nothing to compare (onnxruntime checks at run time)
+            return
+        if len(shape) != rank:
+            raise UserError(f"{self.path}: {name!r} has rank {len(shape)}, the runtime expects {rank}; "
+                            "re-run its export")
+        for axis, (key, value) in expected.items():
+            if isinstance(shape[axis], int) and shape[axis] != value:
+                raise self.fail(key, f"{value}, but {name!r} has {shape[axis]} on axis {axis}")
+
+    def dtype(self, name: str, wanted: str) -> None:
+        if self.inputs[name].type != wanted:
+            raise UserError(f"{self.path}: input {name!r} is {self.inputs[name].type}, the runtime feeds {wanted}; "
+                            "re-run its export")
+
+
+def _check_vision(check: _GraphCheck, model: OnnxModel) -> None:
+    vision = model.vision
+    check.takes_exactly({"model.vision.inputs.pixel_values": vision.inputs.pixel_values}, "model.vision.inputs")
+    check.gives({"model.vision.outputs.image_features": vision.outputs.image_features})
+    height, width = vision.image_size
+    check.dims(vision.inputs.pixel_values, {1: ("model.vision.num_channels", vision.num_channels),
+                                            2: ("model.vision.image_size", height),
+                                            3: ("model.vision.image_size", width)}, rank=4)
+    check.dims(vision.outputs.image_features, {1: ("model.vision.num_image_tokens", vision.num_image_tokens),
+                                               2: ("model.decoder.hidden_size", model.decoder.hidden_size)},
+               rank=3, output=True)
+    check.dtype(vision.inputs.pixel_values, FLOAT)
+
+
+def _check_embedding(check: _GraphCheck, model: OnnxModel) -> None:
+    embedding = model.embedding
+    check.takes_exactly({"model.embedding.inputs.input_ids": embedding.inputs.input_ids}, "model.embedding.inputs")
+    check.gives({"model.embedding.outputs.inputs_embeds": embedding.outputs.inputs_embeds})
+    check.dims(embedding.outputs.inputs_embeds, {2: ("model.decoder.hidden_size", model.decoder.hidden_size)},
+               rank=3, output=True)
+    check.dtype(embedding.inputs.input_ids, INT64)
+
+
+def _check_decoder(check: _GraphCheck, model: OnnxModel) -> None:
+    decoder = model.decoder
+    names, outputs = decoder.inputs, decoder.outputs
+    fed = {"model.decoder.inputs.inputs_embeds": names.inputs_embeds,
+           "model.decoder.inputs.attention_mask": names.attention_mask,
+           "model.decoder.inputs.position_ids": names.position_ids}
+    wanted = {"model.decoder.outputs.logits": outputs.logits}
+    for layer in range(decoder.num_hidden_layers):  # at most MAX_LAYERS (artifact_schema)
+        for kind in ("past_key_names", "past_value_names"):
+            fed[f"model.decoder.inputs.{kind} (layer {layer})"] = getattr(names, kind) % layer
+        for kind in ("present_key_names", "present_value_names"):
+            wanted[f"model.decoder.outputs.{kind} (layer {layer})"] = getattr(outputs, kind) % layer
+    check.takes_exactly(fed, "model.decoder.num_hidden_layers")
+    check.gives(wanted)
+    check.dims(names.inputs_embeds, {2: ("model.decoder.hidden_size", decoder.hidden_size)}, rank=3)
+    check.dims(outputs.logits, {2: ("model.vocab_size", model.vocab_size)}, rank=3, output=True)
+    for name in decoder.past_names():
+        check.dims(name, {1: ("model.decoder.num_key_value_heads", decoder.num_key_value_heads),
+                          3: ("model.decoder.head_size", decoder.head_size)}, rank=4)
+        check.dtype(name, FLOAT)
+    check.dtype(names.inputs_embeds, FLOAT)
+    for name in (names.attention_mask, names.position_ids):
+        check.dtype(name, INT64)
+
+
+def check_graphs(sessions: dict, paths: dict[str, Path], model: OnnxModel, config_path: Path) -> None:
+    """Every name genai_config.json derives exists in its graph, each graph takes exactly what the adapter
+    feeds, and static dims agree with the config: a one-line error naming the key otherwise."""
+    for role, check in (("vision", _check_vision), ("embedding", _check_embedding), ("decoder", _check_decoder)):
+        check(_GraphCheck(sessions[role], paths[role], config_path), model)
+
+
 class OnnxRuntime:
     """The three graphs of an ONNX export, one InferenceSession each, behind the adapter interface."""
 
@@ -67,25 +184,27 @@ class OnnxRuntime:
 
         self.artifact_dir = Path(artifact_dir)
         self.config, config_path = read_artifact_json(self.artifact_dir, GENAI_CONFIG, "an ONNX export")
-        model = self.config["model"]
-        # Every graph name is contained before onnxruntime (or onnx.load) opens anything.
-        graphs = {role: contained(self.artifact_dir, model[role]["filename"], what=config_path,
-                                  key=f"model.{role}.filename")
-                  for role in ("vision", "embedding", "decoder")}
+        # Every graph name is contained before anything else reads the config, and before onnxruntime
+        # (or onnx.load) opens anything.
+        named = config_files(self.artifact_dir, self.config, [f"model.{role}.filename" for role in ROLES], config_path)
+        graphs = {role: named[f"model.{role}.filename"] for role in ROLES}
+        self.typed_config = parse_config(GenaiConfig, self.config, config_path)
+        model = self.typed_config.model
+        check_loader_json(self.artifact_dir)  # the tokenizer's JSON files: cheap, before any graph opens
         options = _session_options(intra_op_threads)
+        self._graphs = graphs
         self._sessions = {role: _open_session(path, options, providers) for role, path in graphs.items()}
-        self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, "the export's tokenizer")
-        self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
-        decoder = model["decoder"]
-        self._kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
-        self._past_names = [decoder["inputs"][kind] % i for i in range(decoder["num_hidden_layers"])
-                            for kind in ("past_key_names", "past_value_names")]
-        self._outputs = [decoder["outputs"]["logits"]] + [
-            decoder["outputs"][kind] % i for i in range(decoder["num_hidden_layers"])
-            for kind in ("present_key_names", "present_value_names")]
-        self._inputs = decoder["inputs"]
-        self._eos = eos_ids(model.get("eos_token_id"), config_path)
-        self._image_token_id = model["image_token_id"]
+        check_graphs(self._sessions, graphs, model, config_path)
+        self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, TOKENIZER)
+        self.prompt = self.typed_config.prompt.spec()
+        self._eos = set(model.eos_token_id)
+        check_special_tokens(self.prompt, self.tokenizer, config_path, image_token_id=model.image_token_id,
+                             image_key="model.image_token_id", eos=self._eos, eos_key="model.eos_token_id")
+        decoder = model.decoder
+        self._kv_shape = (decoder.num_key_value_heads, decoder.head_size)
+        self._past_names = decoder.past_names()
+        self._outputs = [decoder.outputs.logits] + decoder.present_names()
+        self._image_token_id = model.image_token_id
 
     def close(self) -> None:
         self._sessions.clear()
@@ -98,16 +217,23 @@ class OnnxRuntime:
 
     # -- building blocks -------------------------------------------------------------------------
 
+    def _run(self, role: str, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._sessions[role].run(outputs, feed)
+        except _run_errors() as exc:
+            raise UserError(f"{self._graphs[role]}: onnxruntime cannot run this graph ({first_line(exc)}); "
+                            "re-run its export") from None
+
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """[1, 3, H, W] float32, preprocessed as the artifact's config describes."""
-        return config_pixel_values(self.config, image, self.artifact_dir / GENAI_CONFIG)
+        return config_pixel_values(self.typed_config.model.vision, image, self.artifact_dir / GENAI_CONFIG)
 
     def _prompt_ids(self, question: str) -> np.ndarray:
         return np.asarray([prompt_token_ids(self.prompt, self.tokenizer, question)], dtype=np.int64)
 
     def _embed(self, input_ids: np.ndarray) -> np.ndarray:
-        io = self.config["model"]["embedding"]
-        return self._sessions["embedding"].run([io["outputs"]["inputs_embeds"]], {io["inputs"]["input_ids"]: input_ids})[0]
+        io = self.typed_config.model.embedding
+        return self._run("embedding", [io.outputs.inputs_embeds], {io.inputs.input_ids: input_ids})[0]
 
     def _empty_cache(self) -> dict[str, np.ndarray]:
         """A zero-length past: the prefill step's cache (the graph takes past length 0)."""
@@ -117,11 +243,11 @@ class OnnxRuntime:
     def _decode(self, inputs_embeds: np.ndarray, past: dict[str, np.ndarray], past_length: int):
         """One decoder call: logits of the last position and the cache extended by this call's tokens."""
         sequence = inputs_embeds.shape[1]
-        names = self._inputs
-        feed = {names["inputs_embeds"]: inputs_embeds, **past,
-                names["attention_mask"]: np.ones((1, past_length + sequence), dtype=np.int64),
-                names["position_ids"]: np.arange(past_length, past_length + sequence, dtype=np.int64)[None]}
-        logits, *present = self._sessions["decoder"].run(self._outputs, feed)
+        names = self.typed_config.model.decoder.inputs
+        feed = {names.inputs_embeds: inputs_embeds, **past,
+                names.attention_mask: np.ones((1, past_length + sequence), dtype=np.int64),
+                names.position_ids: np.arange(past_length, past_length + sequence, dtype=np.int64)[None]}
+        logits, *present = self._run("decoder", self._outputs, feed)
         return logits[0, -1], dict(zip(self._past_names, present))
 
     def _prefill(self, image: Image.Image, question: str):
@@ -140,9 +266,8 @@ class OnnxRuntime:
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """The vision graph's output for one image: (image tokens, LLM hidden size), as the LLM receives it."""
-        io = self.config["model"]["vision"]
-        return self._sessions["vision"].run([io["outputs"]["image_features"]],
-                                            {io["inputs"]["pixel_values"]: self.pixel_values(image)})[0][0]
+        io = self.typed_config.model.vision
+        return self._run("vision", [io.outputs.image_features], {io.inputs.pixel_values: self.pixel_values(image)})[0][0]
 
     def first_token_logits(self, image: Image.Image, question: str) -> np.ndarray:
         """Logits over the vocabulary for the first answer token."""

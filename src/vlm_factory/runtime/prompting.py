@@ -2,7 +2,9 @@
 
 Exporters write the model family's PromptSpec (`family.prompt(processor)`, rendered from the
 checkpoint's chat template) into each artifact's runtime config; adapters read it back here, so a
-runtime never guesses a template and every format answers the same prompt as the reference.
+runtime never guesses a template and every format answers the same prompt as the reference. The
+section is validated (runtime/artifact_schema.py `PromptSection`), and `check_special_tokens`
+checks the config's token ids against the export's own tokenizer before anything runs.
 """
 
 from __future__ import annotations
@@ -10,19 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from vlm_factory.errors import UserError
 from vlm_factory.families.base import PromptSpec
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
+from vlm_factory.runtime.artifact_schema import EosIds, PromptSection, Schema, config_error, parse_config
 
 PROMPT_FIELDS = ("template", "image_token", "image_token_repeat", "answer", "add_special_tokens")
 
 
-def prompt_from_config(section: dict, source: Path | str) -> PromptSpec:
+def prompt_from_config(section, source: Path | str) -> PromptSpec:
     """A PromptSpec from the `prompt` section of an export's config, or a one-line error naming it."""
-    if not isinstance(section, dict) or any(key not in section for key in PROMPT_FIELDS):
+    if not isinstance(section, dict):
         raise UserError(f"{source}: 'prompt' must hold {', '.join(PROMPT_FIELDS)}; re-run the export")
-    return PromptSpec(**{key: section[key] for key in PROMPT_FIELDS})
+    return parse_config(PromptSection, section, source, prefix="prompt").spec()
 
 
 def prompt_token_ids(prompt: PromptSpec, tokenizer, question: str) -> list[int]:
@@ -30,15 +32,30 @@ def prompt_token_ids(prompt: PromptSpec, tokenizer, question: str) -> list[int]:
     return tokenizer(prompt.expanded(question), add_special_tokens=prompt.add_special_tokens).input_ids
 
 
-def eos_ids(value, source: Path) -> set[int]:
+class _Eos(Schema):
+    eos_token_id: EosIds
+
+
+def eos_ids(value, source: Path | str) -> set[int]:
     """The stop tokens of a config's `eos_token_id`: one id or a list of ids (ORT GenAI writes either;
     the ONNX and TFLite configs both carry it).
 
     An empty list (a model without EOS) answers MAX_ANSWER_TOKENS tokens, as transformers does."""
-    ids = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise UserError(f"{source}: model.eos_token_id must be a token id or a list of them; got {value!r}")
-    return set(ids)
+    return set(parse_config(_Eos, {"eos_token_id": value}, source, prefix="model").eos_token_id)
+
+
+def check_special_tokens(prompt: PromptSpec, tokenizer, source: Path | str, *, image_token_id: int,
+                         image_key: str, eos: set[int] | None, eos_key: str) -> None:
+    """The config's image token id is what the tokenizer makes of the prompt's image token, and its EOS
+    ids include the tokenizer's (every exporter writes them from that tokenizer). Otherwise the image
+    features land nowhere, or generation never stops where the reference does: a one-line error."""
+    found = tokenizer.convert_tokens_to_ids(prompt.image_token)
+    if found != image_token_id:
+        raise config_error(source, image_key, f"{image_token_id}, but the export's tokenizer gives "
+                                              f"{prompt.image_token[:40]!r} the id {found}")
+    tokenizer_eos = tokenizer.eos_token_id
+    if eos is not None and tokenizer_eos is not None and tokenizer_eos not in eos:
+        raise config_error(source, eos_key, f"{sorted(eos)[:4]} lacks the tokenizer's EOS id {tokenizer_eos}")
 
 
 def greedy_tokens(logits: np.ndarray, step, eos: set[int]) -> list[int]:

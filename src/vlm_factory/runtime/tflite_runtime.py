@@ -4,6 +4,12 @@ Everything comes from the artifact directory, as on a device: `tflite_config.jso
 and tensor names, cache shape, token ids, the model family's prompt and image preprocessing spec) and
 the tokenizer files. Preprocessing is runtime/preprocess.py's numpy/PIL implementation of the spec.
 
+The config is validated before anything opens (runtime/artifact_schema.py `TfliteConfig`), then
+checked against the models: the signatures it names exist and take the tensors the adapter feeds,
+with the cache shape, prefill length, hidden size and vocabulary the config says; the embedding
+table's header matches its entry before any data is read. A mismatch is one line naming
+tflite_config.json and the key, never a LiteRT exception in the middle of a run.
+
 Decoding is batch 1 and greedy, like the reference: the prompt (image features merged at the
 `<image>` positions) is prefilled in static chunks of `prefill_length` positions into a zeroed
 fixed-size KV cache, then the `decode` signature runs one token at a time until EOS or
@@ -18,15 +24,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlm_factory.artifacts import read_artifact_json
-from vlm_factory.errors import UserError
+from vlm_factory.artifacts import check_loader_json, config_files, read_artifact_json, read_npy
+from vlm_factory.errors import UserError, first_line
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-from vlm_factory.paths import contained
+from vlm_factory.runtime.artifact_schema import TfliteConfig, TfliteModel, config_error, parse_config
 from vlm_factory.runtime.preprocess import config_pixel_values
-from vlm_factory.runtime.prompting import eos_ids, greedy_tokens, prompt_from_config, prompt_token_ids
+from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
 
 TFLITE_CONFIG = "tflite_config.json"  # the exporter's name for it; runtimes never import exporters
+TOKENIZER = "the export's tokenizer (tokenizer.json, tokenizer_config.json)"
+ROLES = ("vision", "decoder", "embedding")
 
 
 def _interpreter(path: Path, threads: int | None):
@@ -40,6 +48,87 @@ def _interpreter(path: Path, threads: int | None):
         raise UserError(f"{path}: LiteRT cannot load this model ({str(exc).splitlines()[0][:200]})") from None
 
 
+class _SignatureCheck:
+    """One signature of a .tflite file against what tflite_config.json says about it."""
+
+    def __init__(self, interpreter, path: Path, name: str, config_path: Path, key: str):
+        self.path, self.config_path, self.name = path, config_path, name
+        signatures = interpreter.get_signature_list()
+        if name not in signatures:
+            raise self.fail(key, f"{name!r} is not a signature of the file (it has {sorted(signatures)[:4]})")
+        self.runner = interpreter.get_signature_runner(name)
+        self.inputs = self.runner.get_input_details()
+        self.outputs = self.runner.get_output_details()
+
+    def fail(self, key: str, reason: str) -> UserError:
+        return config_error(self.config_path, key, f"{reason} ({self.path.name})")
+
+    def takes_exactly(self, fed: dict[str, str], extra_key: str) -> None:
+        for key, name in fed.items():
+            if name not in self.inputs:
+                raise self.fail(key, f"names input {name!r}, which signature {self.name!r} does not take")
+        extra = sorted(set(self.inputs) - set(fed.values()))
+        if extra:
+            raise self.fail(extra_key, f"leaves input(s) {extra[:3]} of signature {self.name!r} unfed")
+
+    def gives(self, wanted: dict[str, str]) -> None:
+        for key, name in wanted.items():
+            if name not in self.outputs:
+                raise self.fail(key, f"names output {name!r}, which signature {self.name!r} does not give")
+
+    def shape(self, name: str, expected: list[tuple[str, int]], output: bool = False) -> None:
+        """The tensor's shape is exactly `expected` ([(key to blame, size)], one per axis)."""
+        details = (self.outputs if output else self.inputs)[name]
+        shape = [int(d) for d in details.get("shape_signature", details["shape"])]
+        if len(shape) != len(expected):
+            raise self.fail(expected[0][0], f"{[v for _, v in expected]}, but {name!r} of signature {self.name!r} "
+                                            f"has shape {shape}")
+        for size, (key, value) in zip(shape, expected):
+            if size != value:  # -1 (dynamic) never matches: every tensor the exporter writes is static
+                raise self.fail(key, f"{value}, but {name!r} of signature {self.name!r} has shape {shape}")
+
+    def dtype(self, name: str, key: str, wanted) -> None:
+        if np.dtype(self.inputs[name]["dtype"]) != np.dtype(wanted):
+            raise self.fail(key, f"{np.dtype(wanted)}, but {name!r} of signature {self.name!r} is "
+                                 f"{np.dtype(self.inputs[name]['dtype'])}")
+
+
+def _vision_signature(interpreter, path: Path, model: TfliteModel, config_path: Path):
+    vision = model.vision
+    check = _SignatureCheck(interpreter, path, vision.signature, config_path, "model.vision.signature")
+    pixels, features = vision.inputs.pixel_values, vision.outputs.image_features
+    check.takes_exactly({"model.vision.inputs.pixel_values": pixels}, "model.vision.inputs")
+    check.gives({"model.vision.outputs.image_features": features})
+    height, width = vision.image_size
+    check.shape(pixels, [("model.vision.image_size", 1), ("model.vision.num_channels", vision.num_channels),
+                         ("model.vision.image_size", height), ("model.vision.image_size", width)])
+    check.dtype(pixels, "model.vision.inputs.pixel_values", np.float32)
+    check.shape(features, [("model.vision.outputs.image_features", 1),
+                           ("model.vision.num_image_tokens", vision.num_image_tokens),
+                           ("model.decoder.hidden_size", model.decoder.hidden_size)], output=True)
+    return check.runner
+
+
+def _decoder_signature(interpreter, path: Path, model: TfliteModel, config_path: Path, name: str, positions: int):
+    decoder, key = model.decoder, f"model.decoder.signatures.{name}"
+    check = _SignatureCheck(interpreter, path, name, config_path, key)
+    tensors = getattr(decoder.signatures, name)
+    check.takes_exactly({f"{key}.inputs.{i}": tensor for i, tensor in enumerate(tensors.inputs)}, f"{key}.inputs")
+    check.gives({f"{key}.outputs.{i}": tensor for i, tensor in enumerate(tensors.outputs)})
+    length_key = "model.decoder.prefill_length" if name == "prefill" else key
+    check.shape("inputs_embeds", [(key, 1), (length_key, positions), ("model.decoder.hidden_size",
+                                                                      decoder.hidden_size)])
+    check.shape("input_pos", [(length_key, positions)])
+    check.dtype("input_pos", "model.decoder.input_pos_dtype", np.int32)
+    for cache in ("k_cache", "v_cache"):
+        check.shape(cache, [("model.decoder.kv_cache_shape", size) for size in decoder.kv_cache_shape])
+        check.shape(cache, [("model.decoder.kv_cache_shape", size) for size in decoder.kv_cache_shape], output=True)
+        check.dtype(cache, "model.decoder.kv_cache_dtype", np.float32)
+    check.dtype("inputs_embeds", f"{key}.inputs", np.float32)
+    check.shape("logits", [(key, 1), (length_key, positions), ("model.vocab_size", model.vocab_size)], output=True)
+    return check.runner
+
+
 class TFLiteRuntime:
     """The TFLite export behind the adapter interface: signature runners for vision, prefill, decode."""
 
@@ -48,27 +137,31 @@ class TFLiteRuntime:
 
         self.artifact_dir = Path(artifact_dir)
         self.config, config_path = read_artifact_json(self.artifact_dir, TFLITE_CONFIG, "a TFLite export")
-        model = self.config["model"]
-        vision, decoder = model["vision"], model["decoder"]
-        # Every file name is contained before LiteRT or numpy opens anything.
-        files = {role: contained(self.artifact_dir, model[role]["filename"], what=config_path,
-                                 key=f"model.{role}.filename") for role in ("vision", "decoder", "embedding")}
+        # Every file name is contained before anything else reads the config, and before LiteRT or numpy opens it.
+        named = config_files(self.artifact_dir, self.config, [f"model.{role}.filename" for role in ROLES], config_path)
+        files = {role: named[f"model.{role}.filename"] for role in ROLES}
+        self.typed_config = parse_config(TfliteConfig, self.config, config_path)
+        model = self.typed_config.model
+        check_loader_json(self.artifact_dir)  # the tokenizer's JSON files: cheap, before any model opens
+        self._files = files
         self._vision_interp = _interpreter(files["vision"], num_threads)
-        self._vision = self._vision_interp.get_signature_runner(vision["signature"])
+        self._vision = _vision_signature(self._vision_interp, files["vision"], model, config_path)
         self._decoder_interp = _interpreter(files["decoder"], num_threads)
-        self._prefill_runner = self._decoder_interp.get_signature_runner("prefill")
-        self._decode_runner = self._decoder_interp.get_signature_runner("decode")
-        table_path = files["embedding"]
-        if not table_path.is_file():
-            raise UserError(f"{table_path}: missing from the TFLite export; re-run its export")
-        self._table = np.load(table_path).astype(np.float32)
-        self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, "the export's tokenizer")
-        self.prompt = prompt_from_config(self.config.get("prompt"), config_path)
-        self._cache_shape = tuple(decoder["kv_cache_shape"])
-        self._chunk = int(decoder["prefill_length"])
-        self._max_context = int(decoder["max_context"])
-        self._eos = eos_ids(model.get("eos_token_id"), config_path)
-        self._image_token_id = model["image_token_id"]
+        self._prefill_runner = _decoder_signature(self._decoder_interp, files["decoder"], model, config_path,
+                                                  "prefill", model.decoder.prefill_length)
+        self._decode_runner = _decoder_signature(self._decoder_interp, files["decoder"], model, config_path,
+                                                 "decode", 1)
+        self._table = read_npy(files["embedding"], shape=tuple(model.embedding.shape), dtype=model.embedding.dtype,
+                               what=f"{TFLITE_CONFIG} model.embedding").astype(np.float32)
+        self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, TOKENIZER)
+        self.prompt = self.typed_config.prompt.spec()
+        self._eos = set(model.eos_token_id)
+        check_special_tokens(self.prompt, self.tokenizer, config_path, image_token_id=model.image_token_id,
+                             image_key="model.image_token_id", eos=self._eos, eos_key="model.eos_token_id")
+        self._cache_shape = tuple(model.decoder.kv_cache_shape)
+        self._chunk = model.decoder.prefill_length
+        self._max_context = model.decoder.max_context
+        self._image_token_id = model.image_token_id
 
     def close(self) -> None:
         self._vision = self._prefill_runner = self._decode_runner = None
@@ -82,9 +175,16 @@ class TFLiteRuntime:
 
     # -- building blocks -------------------------------------------------------------------------
 
+    def _call(self, runner, role: str, **inputs) -> dict[str, np.ndarray]:
+        try:
+            return runner(**inputs)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"{self._files[role]}: LiteRT cannot run this model ({first_line(exc)}); "
+                            "re-run its export") from None
+
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """[1, 3, H, W] float32, preprocessed as the artifact's config describes."""
-        return config_pixel_values(self.config, image, self.artifact_dir / TFLITE_CONFIG)
+        return config_pixel_values(self.typed_config.model.vision, image, self.artifact_dir / TFLITE_CONFIG)
 
     def _prompt_ids(self, question: str) -> np.ndarray:
         return np.asarray(prompt_token_ids(self.prompt, self.tokenizer, question), dtype=np.int64)
@@ -94,6 +194,9 @@ class TFLiteRuntime:
         if len(ids) + MAX_ANSWER_TOKENS > self._max_context:
             raise UserError(f"question too long for the TFLite decoder's context of {self._max_context} "
                             f"positions ({len(ids)} prompt tokens)")
+        if len(ids) and int(ids.max()) >= len(self._table):
+            raise UserError(f"{self.artifact_dir}: the tokenizer makes token id {int(ids.max())}, the embedding "
+                            f"table has {len(self._table)} rows; re-run its export")
         embeds = self._table[ids]
         slots = ids == self._image_token_id
         features = self.image_embeddings(image)
@@ -110,25 +213,25 @@ class TFLiteRuntime:
             padded[0, :len(chunk)] = chunk
             # Padded positions continue after the prompt: they write slots no real query can see yet,
             # which later steps overwrite (and positions past the cache write nothing).
-            out = self._prefill_runner(inputs_embeds=padded,
-                                       input_pos=np.arange(start, start + self._chunk, dtype=np.int32),
-                                       k_cache=k_cache, v_cache=v_cache)
+            out = self._call(self._prefill_runner, "decoder", inputs_embeds=padded,
+                             input_pos=np.arange(start, start + self._chunk, dtype=np.int32),
+                             k_cache=k_cache, v_cache=v_cache)
             k_cache, v_cache = out["k_cache"], out["v_cache"]
             logits = out["logits"][0, len(chunk) - 1]
         return logits, (k_cache, v_cache), len(ids)
 
     def _decode(self, token: int, cache, position: int):
-        out = self._decode_runner(inputs_embeds=self._table[[token]][None],
-                                  input_pos=np.asarray([position], dtype=np.int32), k_cache=cache[0], v_cache=cache[1])
+        out = self._call(self._decode_runner, "decoder", inputs_embeds=self._table[[token]][None],
+                         input_pos=np.asarray([position], dtype=np.int32), k_cache=cache[0], v_cache=cache[1])
         return out["logits"][0, -1], (out["k_cache"], out["v_cache"])
 
     # -- the adapter interface -------------------------------------------------------------------
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """The vision model's output for one image: (image tokens, LLM hidden size), as the LLM receives it."""
-        io = self.config["model"]["vision"]
-        out = self._vision(**{io["inputs"]["pixel_values"]: self.pixel_values(image)})
-        return out[io["outputs"]["image_features"]][0]
+        io = self.typed_config.model.vision
+        out = self._call(self._vision, "vision", **{io.inputs.pixel_values: self.pixel_values(image)})
+        return out[io.outputs.image_features][0]
 
     def first_token_logits(self, image: Image.Image, question: str) -> np.ndarray:
         """Logits over the vocabulary for the first answer token."""

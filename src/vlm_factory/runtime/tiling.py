@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
+from vlm_factory.runtime.preprocess import to_rgb
 
 # PIL's integer filter codes, which is how image processors store `resample`.
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -82,19 +83,6 @@ def tiling_spec(image_processor) -> dict:
         "pad_batch": bool(p.do_pad),
         "layout": "NCHW", "dtype": "float32",
     }
-
-
-def _to_rgb(image: Image.Image, spec: dict) -> Image.Image:
-    """RGB as transformers makes it: transparency (an alpha band or a palette's) composited onto white."""
-    if not spec.get("convert_rgb", True):
-        if image.mode != "RGB":
-            raise UserError(f"the spec turns RGB conversion off, but the image is {image.mode}, not RGB")
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def longest_edge_size(width: int, height: int, longest: int, max_resolution: int = MAX_RESOLUTION) -> tuple[int, int]:
@@ -146,7 +134,7 @@ def split_images_pil(image: Image.Image, spec: dict) -> tuple[list[Image.Image],
     """The tiles (row-major) then the global view, as PIL images before normalisation, with rows and cols."""
     resample = RESAMPLE[spec["resample"]]
     tile = spec["tile_size"]
-    image = _to_rgb(image, spec)
+    image = to_rgb(image, spec.get("convert_rgb", True))
     if spec.get("resize_longest_edge"):
         size = longest_edge_size(*image.size, spec["resize_longest_edge"], spec.get("max_resolution", MAX_RESOLUTION))
         image = image.resize(size, resample=resample)
