@@ -207,7 +207,7 @@ def test_export_reports_types_sizes_versions_and_fallbacks(tmp_path, random_chec
         assert runtime._prompt == family.prompt(processor)
     del report["prompt"]
     (tmp_path / "gguf" / EXPORT_REPORT).write_text(json.dumps(report))
-    with pytest.raises(UserError, match=r"export_report\.json: prompt: missing"):
+    with pytest.raises(UserError, match=r"export_report\.json: 'prompt' must hold"):
         open_runtime("gguf", tmp_path / "gguf", context_tokens=64, kv_cache="f32")
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vlm_factory.artifacts import EXPORT_REPORT, read_export_report
+from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.publish.store import file_chunks, sha256_of
 
 MANIFEST = "manifest.json"
@@ -101,7 +101,7 @@ def build_manifest(bundle: Bundle, *, version: str, entries: dict[str, dict], mo
             parity[result["format"]] = {k: result[k] for k in ("vqa_accuracy", "reference_accuracy", "drift",
                                                               "drift_ci95", "flip_rate", "passed", "threshold")}
         elif name.endswith("/" + EXPORT_REPORT):
-            tools[name.split("/")[0]] = read_export_report(path.parent).get("tools", {})  # validated, contained
+            tools[name.split("/")[0]] = json.loads(path.read_text(encoding="utf-8")).get("tools", {})
     return {
         "tier": bundle.tier, "version": version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
