@@ -16,11 +16,6 @@ from vlm_factory.paths import contained, contained_tree
 
 EXPORT_REPORT = "export_report.json"
 FIX = "re-run its export stage"
-# JSON files transformers' tokenizer and processor loaders read from an export. They are checked to be
-# JSON objects first, so a corrupt one is a line naming it rather than the loader's own exception.
-LOADER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-               "processor_config.json", "preprocessor_config.json", "chat_template.json", "config.json",
-               "generation_config.json")
 
 
 def read_artifact_json(artifact_dir: Path, name: str, kind: str) -> tuple[dict, Path]:
@@ -31,13 +26,6 @@ def read_artifact_json(artifact_dir: Path, name: str, kind: str) -> tuple[dict, 
     data = read_json(real, shown=path, fix=FIX,
                      missing=f"{path}: not found; {artifact_dir} is not {kind} (re-run its export stage)")
     return data, path
-
-
-def check_loader_json(artifact_dir: Path) -> None:
-    """Each of LOADER_JSON the export holds is a readable JSON object (one line naming the file otherwise)."""
-    for name in LOADER_JSON:
-        if (artifact_dir / name).exists() or (artifact_dir / name).is_symlink():
-            read_artifact_json(artifact_dir, name, "an export")
 
 
 def _named(data: dict, key: str) -> str | None:

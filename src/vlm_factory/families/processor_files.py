@@ -1,4 +1,4 @@
-"""The processor files of a model directory (tokenizer, image processor, chat template), checked by name.
+"""The processor files of a model or export directory (tokenizer, image processor, chat template), checked by name.
 
 transformers reads these files itself and fails on a malformed one with any exception type;
 `hf_files.load_pretrained` turns that into a line naming the directory. The checks here run first and
@@ -20,10 +20,11 @@ from vlm_factory.families.facts_bounds import shown
 from vlm_factory.io import read_json
 from vlm_factory.paths import contained_tree
 
-FIX = "re-download or re-save it"
-# JSON files transformers reads when it loads a processor or tokenizer from a directory.
+FIX = "re-download or re-save it"  # for a model directory; an export's readers pass their own
+# JSON files transformers reads when it loads a processor, tokenizer or model from a directory.
 JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-              "preprocessor_config.json", "processor_config.json", "chat_template.json")
+              "preprocessor_config.json", "processor_config.json", "chat_template.json", "config.json",
+              "generation_config.json")
 # Where a chat template may be, in the order transformers lets one shadow the next: (file, JSON key or None).
 TEMPLATE_SOURCES = (("processor_config.json", "chat_template"), ("chat_template.json", "chat_template"),
                     ("chat_template.jinja", None), ("tokenizer_config.json", "chat_template"))
@@ -31,11 +32,11 @@ TEMPLATE_SOURCES = (("processor_config.json", "chat_template"), ("chat_template.
 MAX_TEMPLATE_CHARS = 1 << 20
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path, missing=f"{path}: missing", fix=FIX)
+def _read_json(path: Path, fix: str) -> dict:
+    return read_json(path, missing=f"{path}: missing", fix=fix)
 
 
-def _default_template(value, path: Path, key: str) -> str | None:
+def _default_template(value, path: Path, key: str, fix: str) -> str | None:
     """A `chat_template` value as text: a string, or the `default` of named templates (a list of
     {name, template} or a {name: template} object), or None when there is none."""
     if value is None or isinstance(value, str):
@@ -44,21 +45,21 @@ def _default_template(value, path: Path, key: str) -> str | None:
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
                    for t in value):
             raise UserError(f"{path}: {key} must be a string or a list of {{\"name\", \"template\"}} "
-                            f"objects of strings; {FIX}")
+                            f"objects of strings; {fix}")
         value = {t["name"]: t["template"] for t in value}
     if not (isinstance(value, dict) and all(isinstance(t, str) for t in value.values())):
-        raise UserError(f"{path}: {key} must be a string or named templates (got {shown(value)}); {FIX}")
+        raise UserError(f"{path}: {key} must be a string or named templates (got {shown(value)}); {fix}")
     return value.get("default")
 
 
-def _read_template_file(path: Path) -> str:
+def _read_template_file(path: Path, fix: str) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: the chat template is not UTF-8 text ({first_line(exc)}); {FIX}") from None
+        raise UserError(f"{path}: the chat template is not UTF-8 text ({first_line(exc)}); {fix}") from None
 
 
-def chat_template_sources(model_dir: Path | str) -> list[tuple[Path, str]]:
+def chat_template_sources(model_dir: Path | str, fix: str = FIX) -> list[tuple[Path, str]]:
     """Every chat template the directory holds, as (file, template), the one transformers uses first."""
     model_dir = Path(model_dir)
     found = []
@@ -66,7 +67,8 @@ def chat_template_sources(model_dir: Path | str) -> list[tuple[Path, str]]:
         path = model_dir / name
         if not path.is_file():
             continue
-        template = _read_template_file(path) if key is None else _default_template(_read_json(path).get(key), path, key)
+        template = (_read_template_file(path, fix) if key is None
+                    else _default_template(_read_json(path, fix).get(key), path, key, fix))
         if template:
             found.append((path, template))
     return found
@@ -78,27 +80,28 @@ def find_chat_template(model_dir: Path | str) -> tuple[Path, str] | None:
     return sources[0] if sources else None
 
 
-def check_template_syntax(template: str, where: Path | str) -> None:
+def check_template_syntax(template: str, where: Path | str, fix: str = FIX) -> None:
     """A template jinja cannot parse (as transformers compiles it) is refused naming `where` and the line."""
     from jinja2 import TemplateSyntaxError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise UserError(f"{where}: a chat template of {len(template)} characters; real ones are a few KB ({FIX})")
+        raise UserError(f"{where}: a chat template of {len(template)} characters; real ones are a few KB ({fix})")
     try:
         # transformers' own compiler (sandbox, `generation` tag, loop controls), so what parses here renders there.
         _compile_jinja_template(template)
     except TemplateSyntaxError as exc:
         raise UserError(f"{where}: the chat template does not parse (line {exc.lineno}: {first_line(exc)}); "
-                        f"{FIX}") from None
+                        f"{fix}") from None
     except RecursionError:
-        raise UserError(f"{where}: the chat template is nested too deeply to be a real one; {FIX}") from None
+        raise UserError(f"{where}: the chat template is nested too deeply to be a real one; {fix}") from None
     except Exception as exc:  # jinja reports some malformed templates with other exception types
-        raise UserError(f"{where}: the chat template does not compile ({first_line(exc)}); {FIX}") from None
+        raise UserError(f"{where}: the chat template does not compile ({first_line(exc)}); {fix}") from None
 
 
-def check_processor_files(model_dir: Path | str) -> None:
-    """Refuse, naming the file, a malformed processor file before transformers reads the directory."""
+def check_processor_files(model_dir: Path | str, fix: str = FIX) -> None:
+    """Refuse, naming the file, a malformed processor file before transformers reads the directory
+    (`fix`: what to do, for a model directory by default)."""
     from tokenizers import Tokenizer
 
     model_dir = Path(model_dir)
@@ -106,13 +109,13 @@ def check_processor_files(model_dir: Path | str) -> None:
     contained_tree(model_dir, model_dir, what=model_dir, key="file", fix="copy the file in instead of linking it")
     for name in JSON_FILES:
         if (model_dir / name).is_file():
-            _read_json(model_dir / name)
+            _read_json(model_dir / name, fix)
     tokenizer_json = model_dir / "tokenizer.json"
     if tokenizer_json.is_file():
         try:
             Tokenizer.from_str(tokenizer_json.read_text(encoding="utf-8"))
         except Exception as exc:  # the tokenizers library raises its own exception type
             raise UserError(f"{tokenizer_json}: not a tokenizer the tokenizers library reads "
-                            f"({first_line(exc)}); {FIX}") from None
-    for path, template in chat_template_sources(model_dir):
-        check_template_syntax(template, path)
+                            f"({first_line(exc)}); {fix}") from None
+    for path, template in chat_template_sources(model_dir, fix):
+        check_template_syntax(template, path, fix)

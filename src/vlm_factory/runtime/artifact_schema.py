@@ -28,10 +28,9 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from vlm_factory.artifacts import FIX
 from vlm_factory.errors import UserError
 from vlm_factory.params_schema import FORMATS
-
-FIX = "re-run its export stage"
 
 # -- bounds --------------------------------------------------------------------------------------------
 # The deepest open LLMs have ~128 decoder layers; the ONNX adapter builds 4 names per layer and feeds
@@ -312,13 +311,37 @@ class Search(Schema):
     max_length: Context
 
 
-def _check_token_ids(model, keys: tuple[str, ...]) -> None:
-    """Every token id in `keys` (attributes of `model`) below `model.vocab_size`."""
-    for key in keys:
-        value = getattr(model, key)
-        for token in value if isinstance(value, list) else [value]:
-            if token is not None and token >= model.vocab_size:
-                raise FieldProblem(key, f"{token} is not below vocab_size {model.vocab_size}")
+class LanguageModel(Schema):
+    """What the ONNX and TFLite configs both say about the LLM under `model`: its vocabulary, context and
+    special token ids."""
+
+    type: Text
+    vocab_size: Vocab
+    context_length: Context
+    bos_token_id: TokenId | None
+    eos_token_id: EosIds
+    pad_token_id: TokenId | None
+    image_token_id: TokenId
+
+    def _check_token_ids(self) -> None:
+        """Every special token id below `vocab_size`."""
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id"):
+            value = getattr(self, key)
+            for token in value if isinstance(value, list) else [value]:
+                if token is not None and token >= self.vocab_size:
+                    raise FieldProblem(key, f"{token} is not below vocab_size {self.vocab_size}")
+
+
+def _check_prompt_and_search(config) -> None:
+    """A runtime config's prompt repeats the image token as often as its vision model makes features, and
+    its generation settings fit the model's context."""
+    if config.model.vision.num_image_tokens != config.prompt.image_token_repeat:
+        raise FieldProblem("model.vision.num_image_tokens",
+                           f"{config.model.vision.num_image_tokens}, but prompt.image_token_repeat is "
+                           f"{config.prompt.image_token_repeat}")
+    if config.search.max_length > config.model.context_length:
+        raise FieldProblem("search.max_length", f"{config.search.max_length} is beyond model.context_length "
+                                                f"{config.model.context_length}")
 
 
 # -- genai_config.json (ONNX) ----------------------------------------------------------------------------
@@ -413,22 +436,15 @@ class OnnxDecoder(Schema):
                 for template in (self.outputs.present_key_names, self.outputs.present_value_names)]
 
 
-class OnnxModel(Schema):
+class OnnxModel(LanguageModel):
     model_config = ALLOW_MORE
-    type: Text
-    vocab_size: Vocab
-    context_length: Context
-    bos_token_id: TokenId | None
-    eos_token_id: EosIds
-    pad_token_id: TokenId | None
-    image_token_id: TokenId
     vision: OnnxVision
     embedding: OnnxEmbedding
     decoder: OnnxDecoder
 
     @model_validator(mode="after")
     def _ids_in_vocabulary(self) -> OnnxModel:
-        _check_token_ids(self, ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id"))
+        self._check_token_ids()
         return self
 
 
@@ -442,13 +458,7 @@ class GenaiConfig(Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> GenaiConfig:
-        if self.model.vision.num_image_tokens != self.prompt.image_token_repeat:
-            raise FieldProblem("model.vision.num_image_tokens",
-                               f"{self.model.vision.num_image_tokens}, but prompt.image_token_repeat is "
-                               f"{self.prompt.image_token_repeat}")
-        if self.search.max_length > self.model.context_length:
-            raise FieldProblem("search.max_length", f"{self.search.max_length} is beyond model.context_length "
-                                                    f"{self.model.context_length}")
+        _check_prompt_and_search(self)
         return self
 
 
@@ -518,15 +528,8 @@ class TfliteDecoder(Schema):
         return self
 
 
-class TfliteModel(Schema):
-    type: Text
+class TfliteModel(LanguageModel):
     variant: Text
-    vocab_size: Vocab
-    context_length: Context
-    bos_token_id: TokenId | None
-    eos_token_id: EosIds
-    pad_token_id: TokenId | None
-    image_token_id: TokenId
     precision: Literal["fp32", "fp16"]
     vision: TfliteVision
     embedding: TfliteEmbedding
@@ -544,7 +547,7 @@ class TfliteModel(Schema):
         if self.embedding.dtype != expected_dtype:
             raise FieldProblem("embedding.dtype", f"{self.embedding.dtype}, but an {self.precision} export keeps "
                                                   f"{expected_dtype}")
-        _check_token_ids(self, ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id"))
+        self._check_token_ids()
         return self
 
 
@@ -557,13 +560,7 @@ class TfliteConfig(Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> TfliteConfig:
-        if self.model.vision.num_image_tokens != self.prompt.image_token_repeat:
-            raise FieldProblem("model.vision.num_image_tokens",
-                               f"{self.model.vision.num_image_tokens}, but prompt.image_token_repeat is "
-                               f"{self.prompt.image_token_repeat}")
-        if self.search.max_length > self.model.context_length:
-            raise FieldProblem("search.max_length", f"{self.search.max_length} is beyond model.context_length "
-                                                    f"{self.model.context_length}")
+        _check_prompt_and_search(self)
         return self
 
 

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm_factory.artifacts import check_loader_json, config_files, read_artifact_json, read_npy
+from vlm_factory.artifacts import config_files, read_artifact_json, read_npy
 from vlm_factory.errors import UserError, first_line
+from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
-from vlm_factory.runtime.artifact_schema import CoremlConfig, config_error, parse_config
+from vlm_factory.runtime.artifact_schema import FIX, CoremlConfig, config_error, parse_config
 from vlm_factory.runtime.coreml_weights import read_package_weights
 from vlm_factory.runtime.preprocess import preprocess
 from vlm_factory.runtime.prompting import check_special_tokens, prompt_token_ids
@@ -85,7 +86,7 @@ class CoreMLRuntime:
         self._files, self._embedding_file = self._named_files()
         self.typed_config = cfg = parse_config(CoremlConfig, self.config, config_path)
         self.prompt = cfg.prompt.spec()
-        check_loader_json(self.artifact_dir)
+        check_processor_files(self.artifact_dir, fix=FIX)  # tokenizer/processor files, named
         self.processor = load_pretrained(AutoProcessor, self.artifact_dir, PROCESSOR)
         self._check_tokens()
         self.family = family_of(self.artifact_dir)

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlm_factory.artifacts import check_loader_json, config_files, read_artifact_json
+from vlm_factory.artifacts import config_files, read_artifact_json
 from vlm_factory.errors import UserError, first_line
+from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
-from vlm_factory.runtime.artifact_schema import GenaiConfig, OnnxModel, config_error, parse_config
+from vlm_factory.runtime.artifact_schema import FIX, GenaiConfig, OnnxModel, parse_config
+from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_pixel_values
 from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
@@ -76,30 +78,12 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, RuntimeError, *(getattr(state, n) for n in names if hasattr(state, n)))
 
 
-class _GraphCheck:
+class _GraphCheck(DeclaredIO):
     """One graph's declared inputs and outputs against what genai_config.json says about them."""
 
     def __init__(self, session, path: Path, config_path: Path):
-        self.path, self.config_path = path, config_path
-        self.inputs = {arg.name: arg for arg in session.get_inputs()}
-        self.outputs = {arg.name: arg for arg in session.get_outputs()}
-
-    def fail(self, key: str, reason: str) -> UserError:
-        return config_error(self.config_path, key, f"{reason} ({self.path.name})")
-
-    def takes_exactly(self, fed: dict[str, str], extra_key: str) -> None:
-        """The graph's inputs are the names in `fed` (key -> name), no more: the adapter feeds only those."""
-        for key, name in fed.items():
-            if name not in self.inputs:
-                raise self.fail(key, f"names input {name!r}, which the graph does not take")
-        extra = sorted(set(self.inputs) - set(fed.values()))
-        if extra:
-            raise self.fail(extra_key, f"leaves graph input(s) {extra[:3]} unfed")
-
-    def gives(self, wanted: dict[str, str]) -> None:
-        for key, name in wanted.items():
-            if name not in self.outputs:
-                raise self.fail(key, f"names output {name!r}, which the graph does not give")
+        super().__init__({arg.name: arg for arg in session.get_inputs()},
+                         {arg.name: arg for arg in session.get_outputs()}, path, config_path, "the graph")
 
     def dims(self, name: str, expected: dict[int, tuple[str, int]], rank: int, output: bool = False) -> None:
         """Static dims of tensor `name` equal the config's: {axis: (key, value)}; symbolic dims pass."""
@@ -190,7 +174,7 @@ class OnnxRuntime:
         graphs = {role: named[f"model.{role}.filename"] for role in ROLES}
         self.typed_config = parse_config(GenaiConfig, self.config, config_path)
         model = self.typed_config.model
-        check_loader_json(self.artifact_dir)  # the tokenizer's JSON files: cheap, before any graph opens
+        check_processor_files(self.artifact_dir, fix=FIX)  # tokenizer/processor files: cheap, before any graph opens
         options = _session_options(intra_op_threads)
         self._graphs = graphs
         self._sessions = {role: _open_session(path, options, providers) for role, path in graphs.items()}

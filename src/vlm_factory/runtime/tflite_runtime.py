@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlm_factory.artifacts import check_loader_json, config_files, read_artifact_json, read_npy
+from vlm_factory.artifacts import config_files, read_artifact_json, read_npy
 from vlm_factory.errors import UserError, first_line
+from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-from vlm_factory.runtime.artifact_schema import TfliteConfig, TfliteModel, config_error, parse_config
+from vlm_factory.runtime.artifact_schema import FIX, TfliteConfig, TfliteModel, config_error, parse_config
+from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.preprocess import config_pixel_values
 from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
 
@@ -48,33 +50,18 @@ def _interpreter(path: Path, threads: int | None):
         raise UserError(f"{path}: LiteRT cannot load this model ({str(exc).splitlines()[0][:200]})") from None
 
 
-class _SignatureCheck:
+class _SignatureCheck(DeclaredIO):
     """One signature of a .tflite file against what tflite_config.json says about it."""
 
     def __init__(self, interpreter, path: Path, name: str, config_path: Path, key: str):
-        self.path, self.config_path, self.name = path, config_path, name
         signatures = interpreter.get_signature_list()
         if name not in signatures:
-            raise self.fail(key, f"{name!r} is not a signature of the file (it has {sorted(signatures)[:4]})")
+            raise config_error(config_path, key, f"{name!r} is not a signature of the file "
+                                                 f"(it has {sorted(signatures)[:4]}) ({path.name})")
+        self.name = name
         self.runner = interpreter.get_signature_runner(name)
-        self.inputs = self.runner.get_input_details()
-        self.outputs = self.runner.get_output_details()
-
-    def fail(self, key: str, reason: str) -> UserError:
-        return config_error(self.config_path, key, f"{reason} ({self.path.name})")
-
-    def takes_exactly(self, fed: dict[str, str], extra_key: str) -> None:
-        for key, name in fed.items():
-            if name not in self.inputs:
-                raise self.fail(key, f"names input {name!r}, which signature {self.name!r} does not take")
-        extra = sorted(set(self.inputs) - set(fed.values()))
-        if extra:
-            raise self.fail(extra_key, f"leaves input(s) {extra[:3]} of signature {self.name!r} unfed")
-
-    def gives(self, wanted: dict[str, str]) -> None:
-        for key, name in wanted.items():
-            if name not in self.outputs:
-                raise self.fail(key, f"names output {name!r}, which signature {self.name!r} does not give")
+        super().__init__(self.runner.get_input_details(), self.runner.get_output_details(), path, config_path,
+                         f"signature {name!r}")
 
     def shape(self, name: str, expected: list[tuple[str, int]], output: bool = False) -> None:
         """The tensor's shape is exactly `expected` ([(key to blame, size)], one per axis)."""
@@ -142,7 +129,7 @@ class TFLiteRuntime:
         files = {role: named[f"model.{role}.filename"] for role in ROLES}
         self.typed_config = parse_config(TfliteConfig, self.config, config_path)
         model = self.typed_config.model
-        check_loader_json(self.artifact_dir)  # the tokenizer's JSON files: cheap, before any model opens
+        check_processor_files(self.artifact_dir, fix=FIX)  # tokenizer/processor files: cheap, before any model opens
         self._files = files
         self._vision_interp = _interpreter(files["vision"], num_threads)
         self._vision = _vision_signature(self._vision_interp, files["vision"], model, config_path)
