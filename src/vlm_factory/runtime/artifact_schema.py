@@ -109,6 +109,19 @@ def parse_config(model_cls: type[M], data, path: Path | str, prefix: str = "") -
         raise config_error(path, _dotted(first, prefix), _reason(first)) from None
 
 
+def read_runtime_config(artifact_dir: Path, name: str, kind: str, model_cls: type[M],
+                        roles: tuple[str, ...]) -> tuple[dict, M, dict[str, Path], Path]:
+    """(raw JSON, validated config, {role: file}, path) of an export's runtime config whose
+    `model.<role>.filename` name its model files: every name contained in `artifact_dir` before anything
+    else reads the config (artifacts.config_files), then the whole file validated as `model_cls`."""
+    from vlm_factory.artifacts import config_files, read_artifact_json
+
+    raw, path = read_artifact_json(artifact_dir, name, kind)
+    named = config_files(artifact_dir, raw, [f"model.{role}.filename" for role in roles], path)
+    files = {role: named[f"model.{role}.filename"] for role in roles}
+    return raw, parse_config(model_cls, raw, path), files, path
+
+
 # -- field types ---------------------------------------------------------------------------------------
 
 def _bounded(low: int, high: int):

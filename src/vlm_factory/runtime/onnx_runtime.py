@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlm_factory.artifacts import config_files, read_artifact_json
 from vlm_factory.errors import UserError, first_line
 from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
-from vlm_factory.runtime.artifact_schema import FIX, GenaiConfig, OnnxModel, parse_config
+from vlm_factory.runtime.artifact_schema import FIX, GenaiConfig, OnnxModel, read_runtime_config
 from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_pixel_values
@@ -167,12 +166,9 @@ class OnnxRuntime:
         from transformers import AutoTokenizer
 
         self.artifact_dir = Path(artifact_dir)
-        self.config, config_path = read_artifact_json(self.artifact_dir, GENAI_CONFIG, "an ONNX export")
-        # Every graph name is contained before anything else reads the config, and before onnxruntime
-        # (or onnx.load) opens anything.
-        named = config_files(self.artifact_dir, self.config, [f"model.{role}.filename" for role in ROLES], config_path)
-        graphs = {role: named[f"model.{role}.filename"] for role in ROLES}
-        self.typed_config = parse_config(GenaiConfig, self.config, config_path)
+        # Every graph name is contained before onnxruntime (or onnx.load) opens anything.
+        self.config, self.typed_config, graphs, config_path = read_runtime_config(
+            self.artifact_dir, GENAI_CONFIG, "an ONNX export", GenaiConfig, ROLES)
         model = self.typed_config.model
         check_processor_files(self.artifact_dir, fix=FIX)  # tokenizer/processor files: cheap, before any graph opens
         options = _session_options(intra_op_threads)

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlm_factory.artifacts import config_files, read_artifact_json, read_npy
+from vlm_factory.artifacts import read_npy
 from vlm_factory.errors import UserError, first_line
 from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-from vlm_factory.runtime.artifact_schema import FIX, TfliteConfig, TfliteModel, config_error, parse_config
+from vlm_factory.runtime.artifact_schema import FIX, TfliteConfig, TfliteModel, config_error, read_runtime_config
 from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.preprocess import config_pixel_values
 from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
@@ -123,11 +123,9 @@ class TFLiteRuntime:
         from transformers import AutoTokenizer
 
         self.artifact_dir = Path(artifact_dir)
-        self.config, config_path = read_artifact_json(self.artifact_dir, TFLITE_CONFIG, "a TFLite export")
-        # Every file name is contained before anything else reads the config, and before LiteRT or numpy opens it.
-        named = config_files(self.artifact_dir, self.config, [f"model.{role}.filename" for role in ROLES], config_path)
-        files = {role: named[f"model.{role}.filename"] for role in ROLES}
-        self.typed_config = parse_config(TfliteConfig, self.config, config_path)
+        # Every file name is contained before LiteRT or numpy opens it.
+        self.config, self.typed_config, files, config_path = read_runtime_config(
+            self.artifact_dir, TFLITE_CONFIG, "a TFLite export", TfliteConfig, ROLES)
         model = self.typed_config.model
         check_processor_files(self.artifact_dir, fix=FIX)  # tokenizer/processor files: cheap, before any model opens
         self._files = files
