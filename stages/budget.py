@@ -23,7 +23,8 @@ def main(argv=None) -> None:
     tiers = load_params(args.params).tiers
     if args.tier not in tiers:
         raise UserError(f"{args.params}: no tier '{args.tier}' under 'tiers'; known: {', '.join(tiers)}")
-    write_json(tier_budget(family_of(args.model), args.tier, tiers[args.tier]), args.out)
+    family = family_of(args.model)
+    write_json(tier_budget(family, args.tier, tiers[args.tier], family.load_processor(args.model)), args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Stage derive_qwen2_base (frozen): the bundled base with its Llama LLM as a Qwen2 LLM, same weights.
+"""Stages derive_qwen2_base and derive_smolvlm_base (frozen): the bundled base moved into another family.
 
 Seconds, no training: see src/vlm_factory/model/transplant.py. Regenerate on purpose with
-`dvc unfreeze derive_qwen2_base && dvc repro derive_qwen2_base`.
+`dvc unfreeze derive_<name>_base && dvc repro derive_<name>_base`.
 """
 
 import argparse
@@ -10,9 +10,9 @@ from pathlib import Path
 from vlm_factory.errors import exits_cleanly
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.checkpoint import load_checkpoint, save_checkpoint
-from vlm_factory.model.transplant import llava_with_qwen2
+from vlm_factory.model.transplant import llava_with_qwen2, smolvlm_from_llava
 
-CARD = """# {name} (vlm-factory bundled base)
+QWEN2_CARD = """# {name} (vlm-factory bundled base)
 
 The bundled tiny LLaVA (`{source}`: SigLIP tower, 2-layer MLP projector) with its Llama LLM moved into
 transformers' Qwen2 classes: the same trained weights, Qwen2's q/k/v biases at zero, so it computes what
@@ -21,17 +21,40 @@ the source computes. It exists so every exporter's Qwen2 path is gated on a mode
 - made by `stages/derive_base.py` (`dvc unfreeze derive_qwen2_base && dvc repro derive_qwen2_base`)
 """
 
+SMOLVLM_CARD = """# {name} (vlm-factory bundled base)
+
+The bundled tiny LLaVA (`{source}`) as a SmolVLM / Idefics3 model: its trained SigLIP tower reads
+{tile}-px tiles (up to {tiles}x{tiles} of an image resized to {longest} px on its longest side, plus the
+whole image squashed to one tile), pixel shuffle x{scale} folds each tile's patches into {tokens} tokens, and
+its trained Llama LLM reads them between the processor's marker tokens. The connector is new: the
+`finetune` stage aligns it (the LLaVA recipe), so this base alone does not answer.
+
+- made by `stages/derive_base.py --to smolvlm` (`dvc unfreeze derive_smolvlm_base && dvc repro derive_smolvlm_base`)
+"""
+
 
 @exits_cleanly
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, required=True, help="the bundled Llama LLaVA")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--to", choices=("qwen2", "smolvlm"), default="qwen2", help="the family to move it into")
+    parser.add_argument("--scale-factor", type=int, default=2, help="smolvlm: pixel shuffle factor")
+    parser.add_argument("--tiles-per-side", type=int, default=2, help="smolvlm: the longest edge in tiles")
     args = parser.parse_args(argv)
     setup_logging()
     model, processor = load_checkpoint(args.source)
-    save_checkpoint(llava_with_qwen2(model), processor, args.out,
-                    extra_files={"README.md": CARD.format(name=args.out.name, source=args.source)})
+    if args.to == "qwen2":
+        save_checkpoint(llava_with_qwen2(model), processor, args.out,
+                        extra_files={"README.md": QWEN2_CARD.format(name=args.out.name, source=args.source)})
+        return
+    smol, smol_processor = smolvlm_from_llava(model, processor, scale_factor=args.scale_factor,
+                                              tiles_per_side=args.tiles_per_side)
+    tile = smol.config.vision_config.image_size
+    card = SMOLVLM_CARD.format(name=args.out.name, source=args.source, tile=tile, tiles=args.tiles_per_side,
+                               longest=tile * args.tiles_per_side, scale=args.scale_factor,
+                               tokens=smol_processor.image_seq_len)
+    save_checkpoint(smol, smol_processor, args.out, extra_files={"README.md": card})
 
 
 if __name__ == "__main__":

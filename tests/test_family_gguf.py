@@ -112,7 +112,7 @@ def test_qwen2_siglip_matches_transformers(tmp_path_factory, qwen2_hub, samples,
             assert report["fallbacks"] == []
     family, model, processor = load_model(qwen2_hub)
     prompt = family.prompt(processor)
-    images = [reference_pixels_as_image(processor.image_processor, image) for image, _ in samples]
+    images = [reference_pixels_as_image(processor.image_processor, image, family) for image, _ in samples]
     questions = [question for _, question in samples]
     pixels = processor.image_processor(images, return_tensors="pt").pixel_values
     with torch.no_grad():
@@ -212,7 +212,8 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
     floor = load_params(root / "params.yaml").eval.min_embedding_cosine["gguf"]
     from vlm_factory.data.images import load_image
 
-    image = reference_pixels_as_image(processor.image_processor, load_image(synthetic_data / records[0].image))
+    image = reference_pixels_as_image(processor.image_processor, load_image(synthetic_data / records[0].image),
+                                      family)
     pixels = processor.image_processor([image], return_tensors="pt").pixel_values
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)

@@ -273,7 +273,7 @@ def test_first_token_log_probs_match_transformers(tmp_path, eval_samples, llm_ty
     with LlamaCppRuntime(llm, mm, kv_cache=kv_cache, prompt=family.prompt(processor)) as runtime:
         for image, question in eval_samples:
             expected = _first_token_log_probs(model, processor, image, question)
-            pixels = reference_pixels_as_image(processor.image_processor, image)
+            pixels = reference_pixels_as_image(processor.image_processor, image, family)
             logits = runtime.first_token_logits(pixels, question).astype(np.float64)
             actual = logits - np.logaddexp.reduce(logits)
             top = np.argsort(expected)[-5:]
@@ -291,10 +291,10 @@ def test_llama_cpp_letterbox_matches_the_processor(llm_f32, mmproj, eval_samples
     from vlm_factory.model.checkpoint import load_checkpoint
     from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
 
-    _, processor = load_checkpoint(BUNDLED_BASE)
+    model, processor = load_checkpoint(BUNDLED_BASE)
     samples = dict(zip(("square", "tall", "wide"), (image for image, _ in eval_samples)))
     with LlamaCppRuntime(llm_f32, mmproj) as runtime:
-        check = preprocessing_check(runtime, processor.image_processor, samples)
+        check = preprocessing_check(runtime, model, processor.image_processor, samples)
     print({aspect: v["cosine"] for aspect, v in check.items()})
     assert check["square"]["cosine"] > 0.99999  # no resize at all: identical pixels
     # Padding colour and placement agree; only bicubic resampling differs a little (clip.cpp vs PIL).

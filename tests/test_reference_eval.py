@@ -6,7 +6,8 @@ import torch
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import read_jsonl
 from vlm_factory.eval.generate import answer_questions
-from vlm_factory.eval.reference import blind_answers, centre_crop_processor, evaluate_reference
+from vlm_factory.eval.reference import blind_answers, evaluate_reference
+from vlm_factory.families.llava import centre_crop_processor
 from vlm_factory.model.prompt import user_prompt
 
 

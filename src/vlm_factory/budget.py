@@ -113,13 +113,17 @@ def _jsonable(value: Fraction) -> int | float:
     return int(value) if value.denominator == 1 else float(value)
 
 
-def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig) -> dict:
+def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig, processor=None) -> dict:
     """Memory budget of the family's model on one tier: weights and KV cache per export format the tier lists.
+
+    Visual tokens per image are the family's most (`family.visual_tokens`: every tile and the global
+    view of a SmolVLM image; one view elsewhere), which needs the checkpoint's processor where images
+    are cut into tiles.
 
     Raises UserError for an unknown quant type, precision or KV-cache dtype, naming the tier key.
     """
     counts = param_counts(family)
-    image_tokens = family.image_tokens
+    image_tokens = family.visual_tokens(processor)
     kv_per_token = kv_cache_bytes_per_token(family, tier.kv_cache_dtype, tier_name)
     budget_bytes = tier.memory_budget_mb * 2**20
     max_positions = family.text.max_positions
@@ -141,6 +145,7 @@ def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig) -> dict
         "kv_cache_dtype": tier.kv_cache_dtype,
         "model_max_position_embeddings": max_positions,
         "visual_tokens_per_image": image_tokens,
+        "views_per_image": family.max_views(processor),
         "kv_cache_bytes_per_token": _jsonable(kv_per_token),
         "params": counts,
         "formats": formats,

@@ -44,8 +44,9 @@ def _budget(args: argparse.Namespace) -> None:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no config.json; pass --model DIR or run `dvc repro download`")
     family = family_of(model_dir)
+    processor = family.load_processor(model_dir)
     for name in names:
-        print(format_budget_table(tier_budget(family, name, tiers[name])))
+        print(format_budget_table(tier_budget(family, name, tiers[name], processor)))
         print()
 
 

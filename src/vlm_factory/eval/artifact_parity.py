@@ -30,7 +30,7 @@ from vlm_factory.data.records import VQARecord
 from vlm_factory.errors import UserError
 from vlm_factory.eval.parity import drift_by, gate, paired_drift
 from vlm_factory.eval.reference import score
-from vlm_factory.model.features import project, tower_features
+from vlm_factory.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,26 @@ def reference_scores(path: Path, records: list[VQARecord]) -> list[float]:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two flattened arrays; 0.0 when their sizes differ (e.g. a runtime that cut an image into
+    another number of tiles agrees with the reference in nothing)."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.size != b.size:
+        return 0.0
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def reference_pixels_as_image(image_processor, image: Image.Image) -> Image.Image:
-    """The reference processor's pixel input, un-normalised back to an RGB image of model size."""
-    pixels = image_processor([image], return_tensors="np").pixel_values[0]
+def reference_pixels_as_image(image_processor, image: Image.Image, family) -> Image.Image:
+    """The reference processor's pixel input, un-normalised back to an RGB image a runtime that preprocesses
+    by itself turns into the same pixels: the one view, or the tiles stitched back into the image they
+    were cut from (its size is already a whole number of tiles, so the runtime cuts the same tiles)."""
+    views = family.image_views(image_processor, [image])[0]
+    pixels = np.asarray(views.pixel_values, dtype=np.float64)
+    if views.rows and views.cols:
+        tiles = pixels[:views.rows * views.cols].reshape(views.rows, views.cols, *pixels.shape[1:])
+        pixels = tiles.transpose(2, 0, 3, 1, 4).reshape(pixels.shape[1], views.rows * pixels.shape[2],
+                                                         views.cols * pixels.shape[3])
+    else:
+        pixels = pixels[0]
     mean = np.asarray(image_processor.image_mean)[:, None, None]
     std = np.asarray(image_processor.image_std)[:, None, None]
     rgb = (pixels * std + mean).transpose(1, 2, 0) * 255.0
@@ -90,9 +103,10 @@ def reference_pixels_as_image(image_processor, image: Image.Image) -> Image.Imag
 
 @torch.inference_mode()
 def reference_embeddings(model, image_processor, images: list[Image.Image]) -> list[np.ndarray]:
-    """What the PyTorch model's projector hands the LLM for each image."""
-    pixels = image_processor(images, return_tensors="pt").pixel_values
-    return list(project(model, tower_features(model, pixels)).numpy())
+    """What the PyTorch model hands the LLM for each image: [views, tokens, hidden]."""
+    family = family_for(model.config)
+    return [family.image_features(model, views.pixel_values).numpy()
+            for views in family.image_views(image_processor, images)]
 
 
 def embedding_agreement(runtime: Runtime, model, image_processor, images: list[Image.Image],
@@ -107,18 +121,24 @@ def embedding_agreement(runtime: Runtime, model, image_processor, images: list[I
             "n_images": len(images), "by_aspect": {k: round(float(np.mean(v)), 6) for k, v in sorted(by_aspect.items())}}
 
 
-def preprocessing_check(runtime: Runtime, image_processor, samples: dict[str, Image.Image]) -> dict:
+def preprocessing_check(runtime: Runtime, model, image_processor, samples: dict[str, Image.Image]) -> dict:
     """Per aspect (square, tall, wide): does the runtime see the pixels the reference processor makes?"""
+    family = family_for(model.config)
     result = {}
     for aspect, image in samples.items():
         if hasattr(runtime, "pixel_values"):
-            expected = image_processor([image], return_tensors="np").pixel_values[0]
-            actual = np.asarray(runtime.pixel_values(image)).reshape(expected.shape)
+            expected = np.asarray(family.image_views(image_processor, [image])[0].pixel_values)
+            actual = np.asarray(runtime.pixel_values(image))
+            if actual.size != expected.size:
+                result[aspect] = {"method": "pixel input", "views": [int(actual.shape[0]), int(expected.shape[0])],
+                                  "cosine": 0.0}
+                continue
+            actual = actual.reshape(expected.shape)
             result[aspect] = {"method": "pixel input", "max_abs_diff": round(float(np.abs(actual - expected).max()), 6),
                               "cosine": round(cosine(actual, expected), 6)}
         else:
             own = runtime.image_embeddings(image)
-            given = runtime.image_embeddings(reference_pixels_as_image(image_processor, image))
+            given = runtime.image_embeddings(reference_pixels_as_image(image_processor, image, family))
             result[aspect] = {"method": "embeddings of the raw image vs of the reference processor's pixels",
                               "cosine": round(cosine(own, given), 6)}
     return result
@@ -171,7 +191,8 @@ def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQ
                              "drift": drift_by(records, reference, scores, "question_type")},
         "by_aspect": {"accuracy": accuracy["by_aspect"], "drift": drift_by(records, reference, scores, "aspect")},
         "image_embedding_cosine": embeddings,
-        "preprocessing": preprocessing_check(runtime, processor.image_processor, _first_per_aspect(records, images)),
+        "preprocessing": preprocessing_check(runtime, model, processor.image_processor,
+                                             _first_per_aspect(records, images)),
         "artifact_bytes": artifact_bytes,
         "threshold": {"max_drop": max_drop, "min_embedding_cosine": min_embedding_cosine},
         "passed": verdict["passed"],

@@ -13,9 +13,11 @@ from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 
 
 def prompt_length(family, processor) -> int:
-    """Tokens of the model's prompt with an empty question: the image tokens plus the fixed template text."""
+    """Tokens of the model's prompt with an empty question and the largest image: its image tokens (every
+    tile's, for families that cut images) plus the fixed template text."""
     spec = family.prompt(processor)
-    return len(processor.tokenizer(spec.expanded(""), add_special_tokens=spec.add_special_tokens).input_ids)
+    text = spec.expanded("", *family.largest_grid(processor))
+    return len(processor.tokenizer(text, add_special_tokens=spec.add_special_tokens).input_ids)
 
 
 def static_context(family, processor, context_tokens, tier: str) -> int:
@@ -27,7 +29,8 @@ def static_context(family, processor, context_tokens, tier: str) -> int:
     prompt = prompt_length(family, processor)
     needed = prompt + MAX_ANSWER_TOKENS
     if context < needed:
-        what = f"{family.image_tokens} visual + {prompt - family.image_tokens} prompt text + {MAX_ANSWER_TOKENS} answer"
+        visual = family.visual_tokens(processor)
+        what = f"{visual} visual + {prompt - visual} prompt text + {MAX_ANSWER_TOKENS} answer"
         if context_tokens >= needed:  # the tier is fine, the model itself is too short
             raise UserError(f"{family.source}: max_position_embeddings {context} is too small for one image: "
                             f"{needed} tokens needed ({what}); this model cannot be exported with a static cache")

@@ -85,9 +85,13 @@ class PromptSpec:
     """The model's own prompt for one image and one question, as plain text a device can fill in.
 
     `template` holds `{question}` and one `image_token`; a runtime repeats the image token
-    `image_token_repeat` times (or hands the image to its own media marker) and tokenizes with
-    `add_special_tokens` (the BOS a checkpoint's tokenizer adds, or not). `answer` holds `{answer}`:
-    what follows the prompt in training, up to and including the end-of-turn token.
+    `image_token_repeat` times per view of the image (or hands the image to its own media marker) and
+    tokenizes with `add_special_tokens` (the BOS a checkpoint's tokenizer adds, or not). `answer` holds
+    `{answer}`: what follows the prompt in training, up to and including the end-of-turn token.
+
+    `image_layout` is set by families that cut an image into tiles (Idefics3/SmolVLM): the marker tokens
+    around each tile's block (runtime/tiling.py `prompt_layout`); the expansion then depends on the
+    image's grid of tiles (`rows`, `cols`; 0, 0 for an image that was not split).
     """
 
     template: str
@@ -95,14 +99,23 @@ class PromptSpec:
     image_token_repeat: int
     answer: str
     add_special_tokens: bool = True
+    image_layout: dict | None = None
 
     def render(self, question: str) -> str:
         """The prompt with the question in and a single image token (for runtimes with media markers)."""
         return self.template.replace("{question}", question.strip())
 
-    def expanded(self, question: str) -> str:
+    def image_text(self, rows: int = 0, cols: int = 0) -> str:
+        """What the processor puts in place of the prompt's one image token, for an image of rows x cols tiles."""
+        if self.image_layout is None:
+            return self.image_token * self.image_token_repeat
+        from vlm_factory.runtime.tiling import expand_image_tokens
+
+        return expand_image_tokens(rows, cols, self.image_token_repeat, self.image_layout)
+
+    def expanded(self, question: str, rows: int = 0, cols: int = 0) -> str:
         """The prompt with one image token per visual token, as the model's processor expands it."""
-        return self.render(question).replace(self.image_token, self.image_token * self.image_token_repeat)
+        return self.render(question).replace(self.image_token, self.image_text(rows, cols), 1)
 
     def answer_text(self, answer: str) -> str:
         return self.answer.replace("{answer}", answer.strip())
@@ -195,7 +208,21 @@ class ModelFamily(ABC):
     @property
     @abstractmethod
     def image_tokens(self) -> int:
-        """Visual tokens one image adds to the LLM's context."""
+        """Visual tokens one view of an image adds to the LLM's context (a family without tiles: one view
+        per image)."""
+
+    def largest_grid(self, processor=None) -> tuple[int, int]:
+        """The most tiles (rows, cols) the processor cuts one image into; (0, 0): images are not cut."""
+        return 0, 0
+
+    def max_views(self, processor=None) -> int:
+        """The most views (tiles + the global image) one image can become."""
+        rows, cols = self.largest_grid(processor)
+        return rows * cols + 1 if rows * cols else 1
+
+    def visual_tokens(self, processor=None) -> int:
+        """The most visual tokens one image adds to the context: what the budget plans for."""
+        return self.max_views(processor) * self.image_tokens
 
     @property
     @abstractmethod
@@ -234,8 +261,25 @@ class ModelFamily(ABC):
         """[batch, tokens, text hidden]: the connector applied to tower features."""
 
     def image_features(self, model, pixel_values):
-        """[batch, image tokens, text hidden]: what replaces the image tokens of a prompt."""
+        """[views, image tokens, text hidden]: what replaces the image tokens of a prompt, view by view
+        (`pixel_values` [views, 3, H, W]: one per image, or every tile of `image_views`)."""
         return self.project(model, self.tower_features(model, pixel_values))
+
+    def image_views(self, image_processor, images) -> list["ImageViews"]:
+        """Each image as the reference processor prepares it: pixels [views, 3, H, W] and its tile grid."""
+        pixels = image_processor(list(images), return_tensors="pt").pixel_values
+        return [ImageViews(pixels[i:i + 1], 0, 0) for i in range(len(images))]
+
+    def generation_pixels(self, views: list["ImageViews"]) -> dict:
+        """The keyword arguments the model's `generate` takes for a batch of images with equal view counts."""
+        import torch
+
+        return {"pixel_values": torch.cat([v.pixel_values for v in views])}
+
+    def alternative_preprocessing(self, image_processor) -> tuple[str, str, Any] | None:
+        """(name, gain metric name, image processor) of the preprocessing the reference eval measures
+        against the model's own, to show what getting it wrong costs; None when there is none."""
+        return None
 
     @abstractmethod
     def connector(self, model):
@@ -286,6 +330,20 @@ class ModelFamily(ABC):
         """What reports and model cards say about the model."""
         return {"family": self.name, "variant": self.variant, "image_tokens": self.image_tokens,
                 "text": self.text.as_dict(), "vision": self.vision.as_dict(), "connector": self.connector_type}
+
+
+@dataclass(frozen=True)
+class ImageViews:
+    """One image as the vision tower takes it: `pixel_values` [views, 3, H, W] (torch or numpy) and the
+    grid of tiles (`rows`, `cols`; 0, 0 when the image is one view) the prompt's expansion follows."""
+
+    pixel_values: Any
+    rows: int = 0
+    cols: int = 0
+
+    @property
+    def count(self) -> int:
+        return int(self.pixel_values.shape[0])
 
 
 @dataclass

@@ -12,6 +12,7 @@ is dropped, with `full` every position is kept.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -19,13 +20,13 @@ import torch
 
 from vlm_factory.errors import UserError, first_line
 from vlm_factory.hf_files import load_pretrained
-from vlm_factory.io import read_json
 from vlm_factory.families.base import CheckpointKey, DecoderParts, ModelFamily, PromptSpec, TextFacts, VisionFacts
-from vlm_factory.families.facts_bounds import (BOOL, FEATURE_LAYER, MAX_CHANNELS, MAX_CONFIG_BYTES,
-                                               MAX_CONFIG_DEPTH, MAX_IMAGE_SIZE, MAX_IMAGE_TOKENS, MAX_VOCAB,
-                                               OBJECT, STRING, TEXT_BOUNDS, VISION_BOUNDS, Rule, check_json_keys,
-                                               check_text_facts, check_vision_facts, int_in, json_depth, one_of,
-                                               optional, positive_int, shown)
+from vlm_factory.families.facts_bounds import (BOOL, FEATURE_LAYER, MAX_CHANNELS, MAX_IMAGE_SIZE,
+                                               MAX_IMAGE_TOKENS, MAX_VOCAB, STRING, Rule, check_json_keys,
+                                               check_text_facts, check_vision_facts, int_in, one_of,
+                                               positive_int)
+from vlm_factory.families.hf_config import (TEXT_FACT_KEYS, VISION_FACT_KEYS, nested_config_rules, stated_facts,
+                                            text_facts)
 from vlm_factory.families.param_counts import decoder_params, vision_tower_params
 from vlm_factory.families.processor_files import chat_template_sources, check_processor_files
 
@@ -39,38 +40,13 @@ CLIP_GGUF_NOTE = ("llama.cpp (pinned) puts a CLIP tower's CLS token after the pa
 PROMPT_QUESTION, PROMPT_ANSWER = "{question}", "{answer}"
 RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
-# Where each normalised fact comes from in config.json: the key an error names, the one a user edits.
-TEXT_FACT_KEYS = {
-    "hidden_size": "text_config.hidden_size", "intermediate_size": "text_config.intermediate_size",
-    "num_layers": "text_config.num_hidden_layers", "num_heads": "text_config.num_attention_heads",
-    "num_kv_heads": "text_config.num_key_value_heads", "head_dim": "text_config.head_dim",
-    "vocab_size": "text_config.vocab_size", "max_positions": "text_config.max_position_embeddings",
-    "rope_theta": "text_config.rope_parameters.rope_theta", "rms_norm_eps": "text_config.rms_norm_eps",
-    "bos_token_id": "text_config.bos_token_id", "eos_token_id": "text_config.eos_token_id",
-    "pad_token_id": "text_config.pad_token_id",
-}
-VISION_FACT_KEYS = {
-    "image_size": "vision_config.image_size", "patch_size": "vision_config.patch_size",
-    "num_channels": "vision_config.num_channels", "hidden_size": "vision_config.hidden_size",
-    "intermediate_size": "vision_config.intermediate_size", "num_layers": "vision_config.num_hidden_layers",
-    "num_heads": "vision_config.num_attention_heads", "layer_norm_eps": "vision_config.layer_norm_eps",
-}
-# Facts transformers derives when config.json says null: key/value heads (= the heads), head_dim (hidden / heads).
-NULL_DERIVED = ("num_kv_heads", "head_dim")
 # The image token's id: transformers 5 writes `image_token_index`, some configs `image_token_id`.
 IMAGE_TOKEN_KEYS = ("image_token_index", "image_token_id")
 
 
 def _config_rules() -> dict[str, Rule]:
     """Every config.json key the LLaVA facts read, with its rule (facts_bounds.py holds the bounds)."""
-    rules = {"model_type": STRING, "text_config": OBJECT, "vision_config": OBJECT,
-             "text_config.model_type": STRING, "vision_config.model_type": STRING,
-             "text_config.rope_parameters": optional(OBJECT),
-             # transformers 4 configs keep the rotary base beside the other keys
-             "text_config.rope_theta": TEXT_BOUNDS["rope_theta"]}
-    for fact, key in TEXT_FACT_KEYS.items():
-        rules[key] = optional(TEXT_BOUNDS[fact]) if fact in NULL_DERIVED else TEXT_BOUNDS[fact]
-    rules.update({key: VISION_BOUNDS[fact] for fact, key in VISION_FACT_KEYS.items()})
+    rules = nested_config_rules()
     rules.update({key: int_in(0, MAX_VOCAB - 1) for key in IMAGE_TOKEN_KEYS})
     rules.update({
         "vision_feature_layer": FEATURE_LAYER, "vision_feature_select_strategy": one_of("default", "full"),
@@ -87,20 +63,7 @@ CONFIG_RULES = _config_rules()
 _ABSENT = object()
 
 
-def _stated(raw: dict, fact_keys: dict[str, str]) -> dict:
-    """The facts config.json states itself (by fact name), before transformers adds its defaults; a null
-    one is left to transformers like an absent one (the key's own rule has said whether null may be)."""
-    stated = {}
-    for fact, key in fact_keys.items():
-        node = raw
-        for part in key.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is not _ABSENT and node is not None:
-            stated[fact] = node
-    return stated
-
-
-def _strip(key: str, prefixes: tuple[str, ...]) -> str | None:
+def strip_prefix(key: str, prefixes: tuple[str, ...]) -> str | None:
     for prefix in prefixes:
         if key.startswith(prefix):
             return key[len(prefix):]
@@ -278,20 +241,7 @@ class LlavaFamily(ModelFamily):
 
     @property
     def text(self) -> TextFacts:
-        t = self.config.text_config
-        heads = t.num_attention_heads
-        rope = getattr(t, "rope_parameters", None) or {}
-        tied = bool(getattr(t, "tie_word_embeddings", False) or getattr(self.config, "tie_word_embeddings", False))
-        return TextFacts(
-            arch=t.model_type, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_layers=t.num_hidden_layers, num_heads=heads, num_kv_heads=t.num_key_value_heads or heads,
-            head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads, vocab_size=t.vocab_size,
-            max_positions=t.max_position_embeddings,
-            rope_theta=float(rope.get("rope_theta", getattr(t, "rope_theta", 10000.0))),
-            rms_norm_eps=float(t.rms_norm_eps),
-            qkv_bias=True if t.model_type == "qwen2" else bool(getattr(t, "attention_bias", False)),
-            tied_embeddings=tied, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-            pad_token_id=getattr(t, "pad_token_id", None))
+        return text_facts(self.config)
 
     @property
     def vision(self) -> VisionFacts:
@@ -335,8 +285,8 @@ class LlavaFamily(ModelFamily):
     @classmethod
     def check_config_json(cls, raw: dict, where: str) -> None:
         check_json_keys(raw, CONFIG_RULES, where)
-        check_text_facts(_stated(raw, TEXT_FACT_KEYS), TEXT_FACT_KEYS, where)
-        check_vision_facts(_stated(raw, VISION_FACT_KEYS), VISION_FACT_KEYS, where)
+        check_text_facts(stated_facts(raw, TEXT_FACT_KEYS), TEXT_FACT_KEYS, where)
+        check_vision_facts(stated_facts(raw, VISION_FACT_KEYS), VISION_FACT_KEYS, where)
 
     def validate(self) -> None:
         where = self.config_file
@@ -427,25 +377,36 @@ class LlavaFamily(ModelFamily):
     # -- files --------------------------------------------------------------------------------------------
 
     def checkpoint_key(self, key: str) -> CheckpointKey | None:
-        if (rest := _strip(key, ("language_model.model.", "model.language_model."))) is not None:
+        if (rest := strip_prefix(key, ("language_model.model.", "model.language_model."))) is not None:
             return CheckpointKey("llm", "model." + rest)
-        if (rest := _strip(key, ("language_model.lm_head.", "lm_head."))) is not None:
+        if (rest := strip_prefix(key, ("language_model.lm_head.", "lm_head."))) is not None:
             return CheckpointKey("llm", "lm_head." + rest)
-        if (rest := _strip(key, ("vision_tower.vision_model.", "model.vision_tower.vision_model.",
+        if (rest := strip_prefix(key, ("vision_tower.vision_model.", "model.vision_tower.vision_model.",
                                  "model.vision_tower.", "vision_tower."))) is not None:
             return CheckpointKey("vision", rest)
-        if (rest := _strip(key, ("multi_modal_projector.", "model.multi_modal_projector."))) is not None:
+        if (rest := strip_prefix(key, ("multi_modal_projector.", "model.multi_modal_projector."))) is not None:
             return CheckpointKey("connector", rest)
         return None
 
+    def alternative_preprocessing(self, image_processor):
+        """The classic CLIP preprocessing (short side, centre crop) instead of letterbox."""
+        return "centre_crop", "letterbox_gain_points", centre_crop_processor(image_processor)
+
     def preprocessing(self, processor) -> dict:
-        return image_preprocessing(processor.image_processor, _image_processor_file(processor, self.source))
+        return image_preprocessing(processor.image_processor, image_processor_file(processor, self.source))
 
     def prompt(self, processor) -> PromptSpec:
         return chat_prompt(processor, self.image_tokens, self.source)
 
 
-def _image_processor_file(processor, source: str) -> str:
+def centre_crop_processor(image_processor):
+    """The same image processor without pad-to-square: resize the short side, then centre crop."""
+    variant = copy.deepcopy(image_processor)
+    variant.do_pad = False
+    return variant
+
+
+def image_processor_file(processor, source: str) -> str:
     """The file the image processor's settings were read from: preprocessor_config.json (hub layout) or
     processor_config.json (transformers 5 nests them there)."""
     directory = _processor_dir(processor)
@@ -454,26 +415,3 @@ def _image_processor_file(processor, source: str) -> str:
             if (directory / name).is_file():
                 return str(directory / name)
     return f"{source}: the image processor"
-
-
-def read_config_json(path: Path) -> dict:
-    """config.json of a model directory as a JSON object whose values the LLaVA family reads are of the
-    right type and within bounds (facts_bounds.py), or a one-line error naming it and the key.
-
-    Runs before transformers reads the file: a config it would hang or allocate on never reaches it."""
-    where = Path(path) / "config.json"
-    fix = "the model directory is damaged; download it again"
-    if where.is_file() and where.stat().st_size > MAX_CONFIG_BYTES:
-        raise UserError(f"{where}: {where.stat().st_size} bytes; a model config is a few KB ({fix})")
-    raw = read_json(where, fix=fix,
-                    missing=f"{path}: not a model directory (no config.json); run the stage that produces it")
-    depth = json_depth(raw)
-    if depth > MAX_CONFIG_DEPTH:
-        raise UserError(f"{where}: nested {depth} levels deep; a model config nests a few ({fix})")
-    if not isinstance(raw.get("model_type"), str):
-        got = f"got {shown(raw['model_type'])}" if "model_type" in raw else "it has none"
-        raise UserError(f"{where}: model_type must be a string naming the model family ({got}); "
-                        "fix or re-download config.json")
-    if raw["model_type"] in LlavaFamily.model_types:
-        LlavaFamily.check_config_json(raw, str(where))
-    return raw

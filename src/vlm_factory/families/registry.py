@@ -7,9 +7,12 @@ from pathlib import Path
 from vlm_factory.errors import UserError
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.families.base import FORMATS, ModelFamily
-from vlm_factory.families.llava import LlavaFamily, read_config_json
+from vlm_factory.families.hf_config import read_config_json
+from vlm_factory.families.idefics3 import Idefics3Family
+from vlm_factory.families.llava import LlavaFamily
+from vlm_factory.families.mobilevlm import MobileVLMFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily, Idefics3Family, MobileVLMFamily)
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
 
@@ -32,6 +35,7 @@ def family_of(model_dir: Path | str) -> ModelFamily:
     model_dir = Path(model_dir)
     raw = read_config_json(model_dir)
     cls = family_class(raw.get("model_type"), str(model_dir))
+    cls.check_config_json(raw, str(model_dir / "config.json"))
     config = load_pretrained(AutoConfig, model_dir, f"config.json as a {cls.name} config",
                              fix="fix or re-download config.json")
     return cls(config, model_dir)

@@ -59,3 +59,67 @@ def llava_with_qwen2(model):
     log.info("transplanted %d tensors into the Qwen2 LLaVA; %d zero QKV biases added",
              len(model.state_dict()), len(missing))
     return qwen
+
+
+# The tokens an Idefics3 processor writes around each view's image tokens (runtime/tiling.py).
+SMOLVLM_MARKERS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+
+
+def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: int, resample: int = 1):
+    """The bundled LLaVA as an Idefics3 / SmolVLM model: its trained tower reads each tile, its trained
+    LLM reads the tiles' tokens, and a new pixel-shuffle connector (to be aligned by `finetune`) sits
+    between them. Returns (model, processor).
+
+    The tower's tile is its own input size, the longest edge `tiles_per_side` tiles; mean, std and the
+    chat template stay the source's (what the tower and LLM were trained with). The processor's marker
+    tokens (`<fake_token_around_image>`, `<global-img>`, `<row_r_col_c>`) are new to the LLM: their
+    embedding rows start as copies of the newline's, a separator it knows from its image prompts.
+    """
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, Idefics3VisionConfig)
+
+    if model.config.vision_config.model_type != "siglip_vision_model" or model.config.text_config.model_type != "llama":
+        raise UserError("the SmolVLM transplant starts from a SigLIP + Llama LLaVA")
+    source_vision, source_image = model.config.vision_config, processor.image_processor
+    tile = source_vision.image_size
+    tokenizer = processor.tokenizer
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, tiles_per_side + 1) for c in range(1, tiles_per_side + 1)]
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SMOLVLM_MARKERS, *grid]})
+    vision = Idefics3VisionConfig(
+        hidden_size=source_vision.hidden_size, intermediate_size=source_vision.intermediate_size,
+        num_hidden_layers=source_vision.num_hidden_layers, num_attention_heads=source_vision.num_attention_heads,
+        image_size=tile, patch_size=source_vision.patch_size, hidden_act=source_vision.hidden_act,
+        layer_norm_eps=source_vision.layer_norm_eps)
+    text = model.config.text_config
+    text.vocab_size = max(text.vocab_size, len(tokenizer))
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            tie_word_embeddings=False, pad_token_id=text.pad_token_id)
+    smol = Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        tower = model.model.vision_tower
+        smol.model.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+        llm = model.model.language_model.state_dict()
+        embed, head = llm.pop("embed_tokens.weight"), model.lm_head.weight
+        smol.model.text_model.load_state_dict({**llm, "embed_tokens.weight": smol.model.text_model.embed_tokens.weight},
+                                              strict=True)
+        rows = embed.shape[0]
+        smol.model.text_model.embed_tokens.weight[:rows] = embed
+        smol.lm_head.weight[:rows] = head
+        newline = tokenizer("\n", add_special_tokens=False).input_ids[-1]
+        for token in (*SMOLVLM_MARKERS, *grid):
+            smol.model.text_model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(token)] = embed[newline]
+        # Output rows of the new tokens: the padding token's, which the LLM learnt never to predict.
+        smol.lm_head.weight[rows:] = head[tokenizer.pad_token_id]
+    smol.generation_config = model.generation_config
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": tile * tiles_per_side}, max_image_size={"longest_edge": tile},
+        resample=resample, do_image_splitting=True, image_mean=list(source_image.image_mean),
+        image_std=list(source_image.image_std))
+    side = tile // source_vision.patch_size
+    smol_processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                       image_seq_len=(side // scale_factor) ** 2,
+                                       chat_template=processor.chat_template)
+    log.info("transplanted the tower and LLM into an Idefics3 model: %d-px tiles, up to %dx%d + global, "
+             "%d tokens per tile", tile, tiles_per_side, tiles_per_side, (side // scale_factor) ** 2)
+    return smol, smol_processor

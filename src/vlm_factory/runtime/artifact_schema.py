@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import reprlib
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from vlm_factory.artifacts import FIX
 from vlm_factory.errors import UserError
@@ -89,7 +90,8 @@ def _reason(error: dict) -> str:
 
 def _dotted(error: dict, prefix: str) -> str:
     parts = [prefix] if prefix else []
-    parts += [str(part) for part in error["loc"] if part != "[key]"]
+    # A union's tag ("<tiling spec>") is pydantic's, not a key of the file.
+    parts += [str(part) for part in error["loc"] if part != "[key]" and not str(part).startswith("<")]
     problem = (error.get("ctx") or {}).get("error")
     if isinstance(problem, FieldProblem) and problem.key:
         parts.append(problem.key)
@@ -188,6 +190,31 @@ ALLOW_MORE = ConfigDict(extra="allow")  # ORT GenAI sections: the format has key
 
 # -- the prompt ----------------------------------------------------------------------------------------
 
+def _tile_pattern(pattern: str) -> str:
+    """A tile marker pattern the adapter fills with `pattern.format(row=r, col=c)`: exactly those two fields."""
+    import string
+
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(pattern) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"is not a format pattern ({exc}); got {pattern[:60]!r}") from None
+    if sorted(fields) != ["col", "row"]:
+        raise ValueError(f"must hold {{row}} and {{col}} once each and no other field; got {pattern[:60]!r}")
+    return pattern
+
+
+class ImageLayout(Schema):
+    """The marker tokens around each view's image tokens (runtime/tiling.py `prompt_layout`), for families
+    that cut images into tiles."""
+
+    kind: Literal["idefics3_prompt"]
+    image_token: Name
+    fake_image_token: Name
+    global_image_token: Name
+    tile_token_pattern: Annotated[Name, AfterValidator(_tile_pattern)]
+    tokens_per_tile: ImageTokens
+
+
 class PromptSection(Schema):
     """The family's PromptSpec as exporters write it (`prompt` of every runtime config, and of a GGUF report)."""
 
@@ -197,6 +224,7 @@ class PromptSection(Schema):
     answer: Text
     add_special_tokens: bool
     note: Text | None = None  # genai_config.json documents the steps for app developers
+    image_layout: ImageLayout | None = None
 
     @model_validator(mode="after")
     def _placeholders(self) -> PromptSection:
@@ -206,6 +234,13 @@ class PromptSection(Schema):
             raise FieldProblem("image_token", f"{self.image_token[:40]!r} is not in the template exactly once")
         if "{answer}" not in self.answer:
             raise FieldProblem("answer", "must hold '{answer}'")
+        layout = self.image_layout
+        if layout is not None and layout.image_token != self.image_token:
+            raise FieldProblem("image_layout.image_token", f"{layout.image_token[:40]!r}, but image_token is "
+                                                           f"{self.image_token[:40]!r}")
+        if layout is not None and layout.tokens_per_tile != self.image_token_repeat:
+            raise FieldProblem("image_layout.tokens_per_tile", f"{layout.tokens_per_tile}, but image_token_repeat "
+                                                               f"is {self.image_token_repeat}")
         return self
 
     def spec(self):
@@ -214,7 +249,8 @@ class PromptSection(Schema):
 
         return PromptSpec(template=self.template, image_token=self.image_token,
                           image_token_repeat=self.image_token_repeat, answer=self.answer,
-                          add_special_tokens=self.add_special_tokens)
+                          add_special_tokens=self.add_special_tokens,
+                          image_layout=self.image_layout.model_dump() if self.image_layout else None)
 
 
 # -- image preprocessing -------------------------------------------------------------------------------
@@ -288,12 +324,54 @@ class Preprocessing(Schema):
         return self.resize.of_square()
 
 
+MAX_VIEWS = 1024  # tiles of one image: SmolVLM makes <= 17, a 4096 px image of 128 px tiles 1025 - 1
+
+
+class Tiling(Schema):
+    """An Idefics3/SmolVLM image split into tiles + a global view (runtime/tiling.py `tiling_spec`)."""
+
+    kind: Literal["idefics3_tiling"]
+    convert_rgb: bool
+    resize_longest_edge: Side | None
+    max_resolution: Side
+    resample: Literal["nearest", "lanczos", "bilinear", "bicubic", "box", "hamming"]
+    split: bool
+    tile_size: Side
+    rescale_factor: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    mean: Annotated[list[PixelMean], Field(min_length=3, max_length=3)]
+    std: Annotated[list[PixelStd], Field(min_length=3, max_length=3)]
+    pad_batch: bool
+    layout: Literal["NCHW"]
+    dtype: Literal["float32"]
+
+    @model_validator(mode="after")
+    def _bounded_views(self) -> Tiling:
+        longest = min(self.resize_longest_edge or self.max_resolution, self.max_resolution)
+        per_side = -(-longest // self.tile_size)
+        if self.split and per_side * per_side + 1 > MAX_VIEWS:
+            raise FieldProblem("tile_size", f"{self.tile_size} px tiles of a {longest} px image make "
+                                            f"{per_side * per_side} tiles, more than {MAX_VIEWS - 1}")
+        return self
+
+    def output_size(self) -> tuple[int, int]:
+        return self.tile_size, self.tile_size
+
+
+def _preprocessing_kind(value) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return "<tiling spec>" if kind is not None else "<resize spec>"
+
+
+ImagePreprocessing = Annotated[Union[Annotated[Preprocessing, Tag("<resize spec>")],
+                                     Annotated[Tiling, Tag("<tiling spec>")]], Discriminator(_preprocessing_kind)]
+
+
 class VisionSection(Schema):
     """What every runtime config says about the vision model's input."""
 
     image_size: ImageSize
     num_channels: RGB_CHANNELS
-    preprocessing: Preprocessing
+    preprocessing: ImagePreprocessing
 
     @model_validator(mode="after")
     def _preprocessing_fits(self) -> VisionSection:

@@ -16,15 +16,19 @@ import numpy as np
 from PIL import Image
 
 from vlm_factory.errors import UserError
-from vlm_factory.runtime.artifact_schema import Preprocessing, VisionSection, parse_config
+from vlm_factory.runtime.artifact_schema import Preprocessing, Tiling, VisionSection, parse_config
 
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
             "bicubic": Image.Resampling.BICUBIC}
 
 
-def preprocessing_spec(spec: dict | Preprocessing, source: Path | str = "preprocessing spec") -> Preprocessing:
-    """The spec validated (a Preprocessing passes through), or a one-line UserError naming `source` and the key."""
-    return spec if isinstance(spec, Preprocessing) else parse_config(Preprocessing, spec, source)
+def preprocessing_spec(spec: dict | Preprocessing | Tiling,
+                       source: Path | str = "preprocessing spec") -> Preprocessing | Tiling:
+    """The spec validated (a parsed one passes through), or a one-line UserError naming `source` and the key.
+    A spec with a `kind` is a tiling spec (runtime/tiling.py), otherwise a resize spec."""
+    if isinstance(spec, (Preprocessing, Tiling)):
+        return spec
+    return parse_config(Tiling if isinstance(spec, dict) and "kind" in spec else Preprocessing, spec, source)
 
 
 def _resize_target(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
@@ -63,6 +67,8 @@ def to_rgb(image: Image.Image, convert: bool = True) -> Image.Image:
 def preprocess(image: Image.Image, spec: dict | Preprocessing) -> np.ndarray:
     """One image as [3, H, W] float32: letterbox to square with `pad_color`, resize, crop, rescale, normalise."""
     spec = preprocessing_spec(spec)
+    if isinstance(spec, Tiling):
+        raise UserError("the preprocessing spec cuts images into tiles: use image_views, not preprocess")
     image = to_rgb(image, spec.convert_rgb)
     if spec.pad_to_square and image.width != image.height:
         side = max(image.size)
@@ -78,10 +84,31 @@ def preprocess(image: Image.Image, spec: dict | Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
 
-def config_pixel_values(vision: VisionSection, image: Image.Image, config_path: Path) -> np.ndarray:
-    """[1, 3, H, W] float32, preprocessed as an export's validated vision section describes."""
-    pixels = preprocess(image, vision.preprocessing)[None]
+def image_views(image: Image.Image, spec: dict | Preprocessing | Tiling) -> tuple[np.ndarray, int, int]:
+    """One image as its vision model takes it: [views, 3, H, W] float32 and the grid of tiles (rows, cols).
+
+    A resize spec makes one view (grid 0, 0); a tiling spec the tiles row by row, then the global view."""
+    spec = preprocessing_spec(spec)
+    if isinstance(spec, Tiling):
+        from vlm_factory.runtime.tiling import split_image
+
+        return split_image(image, spec.model_dump())
+    return preprocess(image, spec)[None], 0, 0
+
+
+def config_image_views(vision: VisionSection, image: Image.Image, config_path: Path) -> tuple[np.ndarray, int, int]:
+    """`image_views` as an export's validated vision section describes them."""
+    pixels, rows, cols = image_views(image, vision.preprocessing)
     if list(pixels.shape[2:]) != list(vision.image_size):  # the schema makes this impossible; kept as a guard
         raise UserError(f"{config_path}: preprocessing makes {pixels.shape[2:]} images, "
                         f"the vision model takes {vision.image_size}")
+    return pixels, rows, cols
+
+
+def config_pixel_values(vision: VisionSection, image: Image.Image, config_path: Path) -> np.ndarray:
+    """[1, 3, H, W] float32 of a one-view preprocessing (a tiling spec: use config_image_views)."""
+    pixels, _, _ = config_image_views(vision, image, config_path)
+    if pixels.shape[0] != 1:
+        raise UserError(f"{config_path}: the preprocessing cuts images into {pixels.shape[0]} views; "
+                        "this runtime takes one")
     return pixels

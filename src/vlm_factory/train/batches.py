@@ -18,10 +18,11 @@ class EncodedQA:
     labels: list[int]
 
 
-def encode_qa(tokenizer: PreTrainedTokenizerBase, prompt: PromptSpec, question: str, answer: str) -> EncodedQA:
-    """Token ids and labels (-100 on the prompt) for one question about one image, in the model's own
-    chat layout; the answer's labels run up to and including its end-of-turn token."""
-    prompt_ids = tokenizer(prompt.expanded(question), add_special_tokens=prompt.add_special_tokens).input_ids
+def encode_qa(tokenizer: PreTrainedTokenizerBase, prompt: PromptSpec, question: str, answer: str,
+              rows: int = 0, cols: int = 0) -> EncodedQA:
+    """Token ids and labels (-100 on the prompt) for one question about one image (of rows x cols tiles),
+    in the model's own chat layout; the answer's labels run up to and including its end-of-turn token."""
+    prompt_ids = tokenizer(prompt.expanded(question, rows, cols), add_special_tokens=prompt.add_special_tokens).input_ids
     answer_ids = tokenizer(prompt.answer_text(answer), add_special_tokens=False).input_ids
     return EncodedQA(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 

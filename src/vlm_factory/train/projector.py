@@ -82,16 +82,39 @@ def set_trainable(model, llm_mode: str, lora_rank: int, lora_alpha: int):
     return model
 
 
+@dataclass
+class TowerFeatures:
+    """The frozen tower's features of every view of every image: `features` [views, tokens, vision hidden],
+    image i's views at rows `starts[i]:starts[i + 1]`, its tile grid in `grids[i]`."""
+
+    features: torch.Tensor
+    starts: list[int]
+    grids: list[tuple[int, int]]
+
+    def of(self, images: torch.Tensor) -> torch.Tensor:
+        """The views of `images` (indices), concatenated in order: what one batch's prompts hold."""
+        if len(self.starts) == len(self.features) + 1:  # one view per image
+            return self.features[images]
+        return torch.cat([self.features[self.starts[i]:self.starts[i + 1]] for i in images.tolist()])
+
+    def to(self, device) -> TowerFeatures:
+        return TowerFeatures(self.features.to(device), self.starts, self.grids)
+
+
 @torch.inference_mode()
 def cache_tower_features(family: ModelFamily, model, processor, data_dir: Path, image_paths: list[str],
-                         batch_size: int = 128) -> torch.Tensor:
-    """[images, tokens, vision_hidden] features of the frozen tower, in the order of `image_paths`."""
-    chunks = []
+                         batch_size: int = 128) -> TowerFeatures:
+    """The tower's features of each image's views (family.image_views), in the order of `image_paths`."""
+    chunks, starts, grids = [], [0], []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="cache tower features", unit="batch"):
         images = [load_image(data_dir / p) for p in image_paths[start:start + batch_size]]
-        pixel_values = processor.image_processor(images, return_tensors="pt").pixel_values
+        views = family.image_views(processor.image_processor, images)
+        pixel_values = torch.cat([v.pixel_values for v in views])
         chunks.append(family.tower_features(model, pixel_values.to(model.dtype)))
-    return torch.cat(chunks)
+        for v in views:
+            starts.append(starts[-1] + v.count)
+            grids.append((v.rows, v.cols))
+    return TowerFeatures(torch.cat(chunks), starts, grids)
 
 
 @dataclass
@@ -111,14 +134,16 @@ class _QADataset(Dataset):
         return self.examples[i]
 
 
-def _examples(records: list[VQARecord], tokenizer, prompt: PromptSpec, image_index: dict[str, int]) -> list[_Example]:
-    cache: dict[tuple[str, str], EncodedQA] = {}
+def _examples(records: list[VQARecord], tokenizer, prompt: PromptSpec, image_index: dict[str, int],
+              grids: list[tuple[int, int]]) -> list[_Example]:
+    cache: dict[tuple, EncodedQA] = {}
     examples = []
     for r in records:
-        key = (r.question, r.multiple_choice_answer)
+        index = image_index[r.image]
+        key = (r.question, r.multiple_choice_answer, grids[index])
         if key not in cache:
-            cache[key] = encode_qa(tokenizer, prompt, r.question, r.multiple_choice_answer)
-        examples.append(_Example(image_index[r.image], cache[key]))
+            cache[key] = encode_qa(tokenizer, prompt, r.question, r.multiple_choice_answer, *grids[index])
+        examples.append(_Example(index, cache[key]))
     return examples
 
 
@@ -140,9 +165,9 @@ def finetune_projector(model, processor, records: list[VQARecord], data_dir: Pat
     image_paths = sorted({r.image for r in records})
     features = cache_tower_features(family, model, processor, data_dir, image_paths)
     if cfg.projector == "reinit":
-        reinitialise_projector(model, cfg.seed, features[:256])
+        reinitialise_projector(model, cfg.seed, features.features[:256])
     image_index = {p: i for i, p in enumerate(image_paths)}
-    examples = _examples(records, processor.tokenizer, family.prompt(processor), image_index)
+    examples = _examples(records, processor.tokenizer, family.prompt(processor), image_index, features.grids)
     pad_id = processor.tokenizer.pad_token_id
 
     def collate(batch: list[_Example]) -> dict[str, torch.Tensor]:
@@ -168,7 +193,7 @@ def finetune_projector(model, processor, records: list[VQARecord], data_dir: Pat
         for batch in loader:
             trainable.train()
             embeds = family.merge_image_features(base, batch["input_ids"],
-                                                 family.project(base, features[batch["image_index"]]))
+                                                 family.project(base, features.of(batch["image_index"])))
             loss = trainable(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
