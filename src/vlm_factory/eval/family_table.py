@@ -32,8 +32,10 @@ def family_table(model_name: str, model_dir: Path, metrics_dir: Path) -> dict:
             "artifact_bytes": verdict["artifact_bytes"], "threshold": verdict["threshold"],
             "passed": verdict["passed"]}
     published = _read(metrics_dir / "publish.json").get("releases", {}) if (metrics_dir / "publish.json").is_file() else {}
+    processor = family.load_processor(model_dir)
     return {"model": model_name, "family": family.name, "variant": family.variant,
-            "image_tokens": family.image_tokens, "reference_accuracy": reference["vqa_accuracy"],
+            "image_tokens": family.image_tokens, "views_per_image": family.max_views(processor),
+            "visual_tokens_per_image": family.visual_tokens(processor), "reference_accuracy": reference["vqa_accuracy"],
             "blind_baseline": reference["blind_baseline"]["vqa_accuracy"],
             "reference_by_aspect": reference["by_aspect"], "targets": targets,
             "releases": {tier: {"version": r["version"], "formats": r["formats"]} for tier, r in published.items()},
