@@ -95,7 +95,9 @@ def _smollm2_tokenizer(tokens: int, grid: int = 6):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     image_specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
         f"<row_{r}_col_{c}>" for r in range(1, grid + 1) for c in range(1, grid + 1)]
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=tokens - len(image_specials),
+    # Paragraph breaks, so that "\n\n" is one token as in SmolLM2 (the processor puts it before the global
+    # view; llama.cpp's idefics3 layout looks that token up and would feed token -1 without it).
+    tok.train_from_iterator(CORPUS + ["Describe the image.\n\n"] * 20, trainers.BpeTrainer(vocab_size=tokens - len(image_specials),
                                                          special_tokens=specials,
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                          show_progress=False))
@@ -231,6 +233,81 @@ def smolvlm_256m(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int
     model.generation_config.eos_token_id = ids("<end_of_utterance>")
     model.generation_config.pad_token_id = ids("<|im_end|>")
     return _save(model, processor, out, layout)
+
+
+# MobileVLM's "v1" conversation (its inference script's), as a chat template written here:
+# "<system> USER: <image>\n{question} ASSISTANT:" and " {answer}</s>" after it.
+MOBILEVLM_V1_TEMPLATE = (
+    "{{ 'A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user\\'s questions. ' }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{{ ' ' }}{% else %}{{ 'ASSISTANT: ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{{ '</s>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def mobilevlm_v2_1_7b(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int = 128,
+                      text_intermediate: int = 256, image_size: int = 112) -> Path:
+    """mtgv/MobileVLM_V2-1.7B shrunk, in its published layout: config.json with the published keys (Llama keys
+    at the top level, `mm_*`, architectures MobileLlamaForCausalLM) plus the two this project requires
+    (`vision_config`, `image_token_index`), fp16 safetensors under the published names (`model.layers.*`,
+    `model.vision_tower.vision_tower.vision_model.*`, `model.mm_projector.{mlp.mlp,peg.peg}.*`), a Llama-2
+    style tokenizer with an `<image>` token, the tower's CLIPImageProcessor as preprocessor_config.json and
+    MobileVLM's v1 conversation as chat_template.json (the hub repository has pickled weights and neither).
+
+    CLIP with CLS, quick GELU, feature layer -2, patch 14; `image_size` 112 px makes an 8x8 patch grid that
+    LDPv2 pools to 4x4 = 16 image tokens, so the 3x3 PEG has interior positions, not only zero-padded borders
+    (real: 336 px, 24x24 -> 144; llama.cpp's ldpv2 graph runs only 24x24, i.e. image_size 336). The projector
+    is re-drawn at unit gain: at transformers' init (std 0.02, zero biases) its output is nearly the same for
+    every image (features of two images differ by 8 % instead of 70 %)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessorPil
+
+    from vlm_factory.model.mobilevlm import MobileVLMConfig, MobileVLMForCausalLM
+
+    if layout != "hub":
+        raise ValueError(f"{layout}: MobileVLM checkpoints exist in the hub layout only")
+    tokenizer = _llama_tokenizer(320)
+    vision = {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
+              "num_attention_heads": 2, "image_size": image_size, "patch_size": 14, "hidden_act": "quick_gelu",
+              "layer_norm_eps": 1e-5, "projection_dim": 64}
+    config = {  # the published keys, in the published order, shrunk
+        "_name_or_path": "mtgv/MobileVLM_V2-1.7B", "architectures": ["MobileLlamaForCausalLM"], "bos_token_id": 1,
+        "eos_token_id": 2, "freeze_mm_mlp_adapter": False, "hidden_act": "silu", "hidden_size": text_hidden,
+        "image_aspect_ratio": "pad", "image_grid_pinpoints": None, "initializer_range": 0.02,
+        "intermediate_size": text_intermediate, "max_position_embeddings": 2048, "max_sequence_length": 2048,
+        "mm_hidden_size": vision["hidden_size"], "mm_projector_lr": None, "mm_projector_type": "ldpnetv2",
+        "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336", "model_type": "mobilevlm",
+        "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 4, "pad_token_id": 0,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.33.1",
+        "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vision_tower_type": "clip",
+        "vocab_size": len(tokenizer),
+        # this project's additions
+        "vision_config": vision, "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+    }
+    torch.manual_seed(seed)
+    model = MobileVLMForCausalLM(MobileVLMConfig(**config)).eval()
+    projector = model.model.mm_projector
+    with torch.no_grad():
+        for linear in (projector.mlp.mlp[0], projector.mlp.mlp[2]):
+            linear.weight.normal_(0.0, linear.in_features ** -0.5)
+        projector.peg.peg[0].weight.normal_(0.0, 0.5)
+        projector.peg.peg[0].bias.normal_(0.0, 0.1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                          do_center_crop=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                          image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": MOBILEVLM_V1_TEMPLATE}))
+    return out
 
 
 VARIANTS = {"llava15_clip_llama": llava15_clip_llama, "llava_interleave_qwen2": llava_interleave_qwen2}

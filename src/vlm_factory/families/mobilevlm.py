@@ -132,6 +132,7 @@ class MobileVLMFamily(ModelFamily):
 
     def format_refusal(self, fmt: str) -> str | None:
         reason = super().format_refusal(fmt)
+        # Once an ldpv2 mmproj writer exists (gguf supported above), only 24x24-patch towers may use it.
         if reason is None and fmt == "gguf" and self._grid != LLAMA_CPP_LDPV2_GRID:
             return (f"llama.cpp's ldpv2 graph reshapes a {LLAMA_CPP_LDPV2_GRID}x{LLAMA_CPP_LDPV2_GRID} patch grid, "
                     f"this tower makes {self._grid}x{self._grid}")
@@ -196,11 +197,11 @@ class MobileVLMFamily(ModelFamily):
 
     @classmethod
     def check_config_json(cls, raw: dict, where: str) -> None:
-        check_json_keys(raw, CONFIG_RULES, where)
-        for key, fix in REQUIRED_KEYS.items():
+        for key, fix in REQUIRED_KEYS.items():  # first: null here is absence, not a value of the wrong type
             aliases = IMAGE_TOKEN_KEYS if key == "image_token_index" else (key,)
             if not any(raw.get(alias) is not None for alias in aliases):
                 raise UserError(f"{where}: no {key}: {fix}")
+        check_json_keys(raw, CONFIG_RULES, where)
         text = stated_facts(raw, TEXT_FACT_KEYS)
         vision = stated_facts(raw, VISION_FACT_KEYS)
         check_text_facts(text, TEXT_FACT_KEYS, where)

@@ -51,7 +51,7 @@ def reinitialise_projector(model, seed: int, features: torch.Tensor | None = Non
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for module in projector.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # MobileVLM's LDPv2 has a depthwise conv
             module.reset_parameters()
     torch.random.set_rng_state(generator_state)
     if target_norm is not None:
