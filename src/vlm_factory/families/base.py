@@ -156,6 +156,14 @@ class ModelFamily(ABC):
         self.config_file = str(Path(source) / "config.json") if source is not None else "config.json"
         self.validate()
 
+    @classmethod
+    def config_class(cls):
+        """The class that reads this family's config.json (transformers' AutoConfig unless the family brings
+        its own model code, as MobileVLM does)."""
+        from transformers import AutoConfig
+
+        return AutoConfig
+
     # -- bounds ---------------------------------------------------------------------------------------
 
     @classmethod

@@ -24,7 +24,6 @@ One image is (grid / 2)^2 tokens (144 for the 24 x 24 grid of a 336 px / patch 1
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 
@@ -104,11 +103,6 @@ def _config_rules() -> dict[str, Rule]:
 
 
 CONFIG_RULES = _config_rules()
-
-
-def _register_model_classes() -> None:
-    """Make transformers' Auto classes know model_type 'mobilevlm' (importing the module registers it)."""
-    importlib.import_module("vlm_factory.model.mobilevlm")  # late: it imports transformers' modelling code
 
 
 class MobileVLMFamily(ModelFamily):
@@ -213,7 +207,12 @@ class MobileVLMFamily(ModelFamily):
             raise UserError(f"{where}: mm_hidden_size must equal vision_config.hidden_size, the width the projector "
                             f"reads (got {raw['mm_hidden_size']} and {vision['hidden_size']})")
         # The last step before transformers reads config.json (registry.family_of): it must know the model type.
-        _register_model_classes()
+
+    @classmethod
+    def config_class(cls):
+        from vlm_factory.model.mobilevlm import MobileVLMConfig  # late: it imports transformers' modelling code
+
+        return MobileVLMConfig
 
     def validate(self) -> None:
         where = self.config_file

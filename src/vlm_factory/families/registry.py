@@ -30,13 +30,11 @@ def family_for(config, source: Path | str | None = None) -> ModelFamily:
 
 def family_of(model_dir: Path | str) -> ModelFamily:
     """The family of an HF model directory, from its config.json alone (no weights are read)."""
-    from transformers import AutoConfig
-
     model_dir = Path(model_dir)
     raw = read_config_json(model_dir)
     cls = family_class(raw.get("model_type"), str(model_dir))
     cls.check_config_json(raw, str(model_dir / "config.json"))
-    config = load_pretrained(AutoConfig, model_dir, f"config.json as a {cls.name} config",
+    config = load_pretrained(cls.config_class(), model_dir, f"config.json as a {cls.name} config",
                              fix="fix or re-download config.json")
     return cls(config, model_dir)
 
