@@ -3,10 +3,18 @@
 What is written comes from the model family: the tower's and connector's tensors
 (`family.checkpoint_key`), the tower's facts (`family.vision`), the projector type
 (`family.connector_type`) and the preprocessing (`family.preprocessing(processor)`, read from the
-checkpoint's own processor, hub or transformers-5 layout).
+checkpoint's own processor, hub or transformers-5 layout). What differs between projector types
+(`PROJECTORS`) is the connector's tensor names, whether the tower's post-layernorm is part of what
+the connector reads, and the keys only that projector has:
+
+- "mlp" (LLaVA): `linear_1`/`linear_2` -> `mm.0`/`mm.2`, the explicit feature layer (below);
+- "idefics3" (SmolVLM): `modality_projection.proj` -> `mm.model.fc`, the last hidden state through
+  `v.post_ln`, `clip.vision.projector.scale_factor` (pixel shuffle) and the tile size as
+  `clip.vision.image_size` with the processor's longest edge as `clip.vision.preproc_image_size`
+  (llama.cpp cuts the image into tiles itself, with its own resampling: see families/idefics3.py).
 
 CLIP and SigLIP towers are written faithfully: patch embedding, class embedding and pre-layernorm
-when the tower has them. The connector reads one hidden state of the tower before any
+when the tower has them. A LLaVA connector reads one hidden state of the tower before any
 post-layernorm, so the post-layernorm (and a SigLIP pooling head) is left out, and the feature
 layer is written explicitly as a non-negative index: clip.cpp's llava graph saves
 `hidden_states[k]` as transformers counts them (0 = the embeddings after the pre-layernorm) and
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +45,26 @@ log = logging.getLogger(__name__)
 FEATURE_LAYERS_KEY = "clip.vision.feature_layer"
 # clip.cpp runs a GELU (either form; it is tanh-approximated) or, with use_gelu false, a quick GELU.
 ACTIVATIONS = {"gelu": True, "gelu_pytorch_tanh": True, "quick_gelu": False}
-# llama.cpp's names of a connector's layers, by projector type: its loader wants mm.0 / mm.2 for "mlp".
-CONNECTOR_NAMES = {"mlp": {"linear_1": "mm.0", "linear_2": "mm.2"}}
+
+
+@dataclass(frozen=True)
+class ProjectorLayout:
+    """What one llama.cpp projector type reads of a checkpoint's tower and connector."""
+
+    connector: dict[str, str]   # connector layer (local name without .weight/.bias) -> llama.cpp's name
+    post_layernorm: bool        # the connector reads the tower's output after its post-layernorm (v.post_ln)
+    feature_layer: bool         # clip.vision.feature_layer is written (clip.cpp's llava graph reads it)
+    tiles: bool                 # image_size is one tile; the processor's longest edge is preproc_image_size
+
+
+# llama.cpp's names of a connector's layers, by projector type: its loader wants mm.0 / mm.2 for "mlp",
+# mm.model.fc (TN_MM_PROJECTOR) for "idefics3".
+PROJECTORS = {
+    "mlp": ProjectorLayout({"linear_1": "mm.0", "linear_2": "mm.2"}, post_layernorm=False, feature_layer=True,
+                           tiles=False),
+    "idefics3": ProjectorLayout({"modality_projection.proj": "mm.model.fc"}, post_layernorm=True,
+                                feature_layer=False, tiles=True),
+}
 # A CLIP or SigLIP tower's tensors (local names) -> llama.cpp's; None: not part of what the connector reads.
 TOWER_NAMES = (
     (r"embeddings\.patch_embedding\.(weight|bias)", "v.patch_embd.{0}"),
@@ -52,11 +79,14 @@ TOWER_NAMES = (
     (r"post_layernorm\..*", None),
     (r"head\..*", None),
 )
+POST_LAYERNORM = (r"post_layernorm\.(weight|bias)", "v.post_ln.{0}")
 
 
-def tower_name(local: str) -> str | None:
-    """llama.cpp's name of a tower tensor (None: left out); an unknown tensor is a one-line error."""
-    for pattern, name in TOWER_NAMES:
+def tower_name(local: str, post_layernorm: bool = False) -> str | None:
+    """llama.cpp's name of a tower tensor (None: left out); an unknown tensor is a one-line error.
+
+    `post_layernorm`: the connector reads the tower's output after it (Idefics3), so it is written."""
+    for pattern, name in ((POST_LAYERNORM,) if post_layernorm else ()) + TOWER_NAMES:
         match = re.fullmatch(pattern, local)
         if match:
             return None if name is None else name.format(*match.groups())
@@ -67,9 +97,9 @@ def _check(family, preprocessing: dict, source: Path) -> None:
     vision = family.vision
     if vision.hidden_act not in ACTIVATIONS:
         raise UserError(f"{source}: vision activation {vision.hidden_act!r}; clip.cpp runs {', '.join(ACTIVATIONS)}")
-    if family.connector_type not in CONNECTOR_NAMES:
+    if family.connector_type not in PROJECTORS:
         raise UserError(f"{source}: connector {family.connector_type!r} has no mmproj writer "
-                        f"(written: {', '.join(CONNECTOR_NAMES)})")
+                        f"(written: {', '.join(PROJECTORS)})")
     if vision.drop_cls != vision.has_cls_token:
         raise UserError(f"{source}: vision_feature_select_strategy {'drops' if vision.drop_cls else 'keeps'} the first "
                         f"position of a {vision.tower} tower {'with' if vision.has_cls_token else 'without'} a class "
@@ -77,6 +107,27 @@ def _check(family, preprocessing: dict, source: Path) -> None:
     if abs(preprocessing["rescale_factor"] - 1 / 255) > 1e-9:
         raise UserError(f"{source}: image rescale_factor {preprocessing['rescale_factor']}; clip.cpp scales pixels "
                         "by 1/255 only")
+    if PROJECTORS[family.connector_type].tiles:
+        _check_tiling(family, preprocessing, source)
+
+
+def _check_tiling(family, preprocessing: dict, source: Path) -> None:
+    """An Idefics3-style processor llama.cpp's tiling can follow: it always splits, tiles of the tower's size."""
+    vision = family.vision
+    if preprocessing.get("tile_size") != vision.image_size:
+        raise UserError(f"{source}: the processor cuts {preprocessing.get('tile_size')} px tiles (max_image_size) "
+                        f"but the vision tower reads {vision.image_size} px (vision_config.image_size); llama.cpp "
+                        "cuts tiles of the tower's size")
+    if not preprocessing.get("split") or (preprocessing.get("resize_longest_edge") or 0) <= vision.image_size:
+        # The processor then gives the global view alone; llama.cpp's idefics3 preprocessing always resizes to
+        # preproc_image_size and adds a grid of tiles (at least 1x1) before the global view.
+        raise UserError(f"{source}: the image processor does not resize to a longest edge beyond the "
+                        f"{vision.image_size} px tile and split the image (do_resize, size.longest_edge, "
+                        "do_image_splitting); llama.cpp's idefics3 preprocessing always does, so it would not see "
+                        "what the model was trained on")
+    side = vision.image_size // vision.patch_size
+    if side % family.scale_factor:
+        raise UserError(f"{source}: scale_factor {family.scale_factor} does not divide the tile's {side} patches")
 
 
 def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=None) -> dict[str, str]:
@@ -92,7 +143,8 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=No
     preprocessing = family.preprocessing(processor)
     _check(family, preprocessing, model_dir)
     vision = family.vision
-    connector_names = CONNECTOR_NAMES[family.connector_type]
+    layout = PROJECTORS[family.connector_type]
+    connector_names = layout.connector
     summary: dict[str, str] = {}
 
     def connector_name(local: str) -> str:
@@ -118,8 +170,16 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=No
         writer.add_vision_image_mean(preprocessing["mean"])
         writer.add_vision_image_std(preprocessing["std"])
         writer.add_vision_use_gelu(ACTIVATIONS[vision.hidden_act])
-        writer.add_array(FEATURE_LAYERS_KEY, [vision.feature_layer])
-        for component, rename in (("vision", tower_name), ("connector", connector_name)):
+        if layout.feature_layer:
+            writer.add_array(FEATURE_LAYERS_KEY, [vision.feature_layer])
+        if layout.tiles:
+            writer.add_vision_projector_scale_factor(family.scale_factor)
+            writer.add_vision_preproc_image_size(preprocessing["resize_longest_edge"])
+
+        def vision_name(local: str) -> str | None:
+            return tower_name(local, layout.post_layernorm)
+
+        for component, rename in (("vision", vision_name), ("connector", connector_name)):
             for tensor in component_tensors(model_dir, family, component):
                 name = rename(tensor.local)
                 if name is not None:

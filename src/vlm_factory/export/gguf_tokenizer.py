@@ -4,7 +4,8 @@ Three kinds are recognised from tokenizer.json's structure (llama.cpp's converte
 string instead; we read what the file says):
 
 - byte-level BPE behind GPT-2's split (`ByteLevel` with its regex): `tokenizer.ggml.model` gpt2,
-  pre-tokenizer `gpt-2` (the bundled tiny bases);
+  pre-tokenizer `gpt-2` (the bundled tiny bases); with single digits split off first (`Digits`
+  individual + `ByteLevel`, SmolLM2 in SmolVLM): gpt2 / `smollm`;
 - byte-level BPE behind Qwen2's split regex (`Split` + `ByteLevel` without regex): gpt2 / `qwen2`;
 - SentencePiece-style BPE with byte fallback (Llama-2, LLaVA-1.5): spaces become `▁`, bytes
   without a piece become `<0xNN>` tokens. llama.cpp runs these as model `llama`, which merges
@@ -81,6 +82,10 @@ def _byte_level_pre(tok: dict) -> str | None:
     types = [s.get("type") for s in steps]
     if types == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return "gpt-2"
+    # SmolLM/SmolLM2: every digit on its own, then GPT-2's split (llama.cpp's `smollm`: \p{N}, then GPT-2's regex).
+    if (types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
+        return "smollm"
     if types == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
         split = steps[0]
         if split.get("behavior") == "Isolated" and not split.get("invert"):

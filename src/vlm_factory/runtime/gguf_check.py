@@ -7,9 +7,10 @@ gguf-py's reader checks the magic, version and that every tensor's data lies ins
 name and shape is checked against what llama.cpp's loaders will look for, derived from the file's
 own metadata (LLM: its arch's block count, embedding length, head counts, feed-forward length,
 vocabulary; mmproj: the projector type, the tower's width, depth, patch and image size, the
-projection dim). libmtmd trusts an mmproj's tensors: one renamed by a single byte loads as
-"absent" and the first image dereferences it (a segfault), so a renamed, missing, extra or
-misshapen tensor is refused here as a one-line error naming the file and the tensor.
+projection dim, the projector's own keys such as Idefics3's scale factor). libmtmd trusts an
+mmproj's tensors: one renamed by a single byte loads as "absent" and the first image dereferences
+it (a segfault), so a renamed, missing, extra or misshapen tensor is refused here as a one-line
+error naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vlm_factory.errors import UserError
 
 # The LLM archs (our exporter's) and mmproj projector types the tensor checks know.
 LLM_ARCHS = ("llama", "qwen2")
-PROJECTOR_TYPES = ("mlp",)
+PROJECTOR_TYPES = ("mlp", "idefics3")
 _MAX_DIM = 1 << 24  # far beyond any real width/depth; a corrupt value would otherwise size allocations
 
 
@@ -213,8 +214,6 @@ def check_mmproj(reader, path: Path | str) -> int:
                         "(clip.vision.block_count); re-export it")
     shapes = _tensor_shapes(reader, path)
     n_pos = (image_size // patch) ** 2 + ("v.class_embd" in shapes)
-    mm0 = shapes.get("mm.0.weight", ())
-    D = mm0[1] if len(mm0) == 2 else -1  # the projector's hidden width: only mm.0/mm.2 say it
     width = f"embedding_length {H}"
     ff = f"embedding_length {H}, feed_forward_length {F}"
     specs = [
@@ -226,11 +225,8 @@ def check_mmproj(reader, path: Path | str) -> int:
          + (" + the class token" if "v.class_embd" in shapes else "")),
         ("v.pre_ln.weight", (H,), False, width), ("v.pre_ln.bias", (H,), False, width),
         ("v.post_ln.weight", (H,), False, width), ("v.post_ln.bias", (H,), False, width),
-        ("mm.0.weight", (H, D), True, f"{width} into the projector"),
-        ("mm.0.bias", (D,), False, "mm.0.weight's output width"),
-        ("mm.2.weight", (D, P), True, f"mm.0's output width into projection_dim {P}"),
-        ("mm.2.bias", (P,), False, f"projection_dim {P}"),
     ]
+    specs += _connector_specs(reader, path, projector, shapes, H, P, image_size // patch)
     for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
         specs += [(f"v.blk.{{i}}.{part}.weight", (H, H), True, width),
                   (f"v.blk.{{i}}.{part}.bias", (H,), False, width)]
@@ -243,11 +239,36 @@ def check_mmproj(reader, path: Path | str) -> int:
     return P
 
 
-def check_llamacpp_pair(llm_path: Path | str, mmproj_path: Path | str) -> None:
-    """Everything checkable in an LLM + mmproj pair before llama.cpp/libmtmd are given it."""
+def _connector_specs(reader, path: Path, projector: str, shapes: dict, H: int, P: int, side: int) -> list:
+    """The projector's tensors as `_check_tensors` specs: "mlp" is mm.0 (+ GELU) + mm.2; "idefics3" one
+    bias-free mm.model.fc over scale_factor^2 neighbouring patches (pixel shuffle)."""
+    if projector == "idefics3":
+        scale = _int(reader, path, "clip.vision.projector.scale_factor")
+        if side % scale:
+            raise UserError(f"{path}: clip.vision.projector.scale_factor {scale} does not divide the tile's {side} "
+                            "patches per side (image_size / patch_size); re-export it")
+        _int(reader, path, "clip.vision.preproc_image_size")  # the longest edge llama.cpp resizes to
+        return [("mm.model.fc.weight", (H * scale * scale, P), True,
+                 f"embedding_length {H} x scale_factor {scale}^2 into projection_dim {P}")]
+    mm0 = shapes.get("mm.0.weight", ())
+    D = mm0[1] if len(mm0) == 2 else -1  # the projector's hidden width: only mm.0/mm.2 say it
+    width = f"embedding_length {H}"
+    return [
+        ("mm.0.weight", (H, D), True, f"{width} into the projector"),
+        ("mm.0.bias", (D,), False, "mm.0.weight's output width"),
+        ("mm.2.weight", (D, P), True, f"mm.0's output width into projection_dim {P}"),
+        ("mm.2.bias", (P,), False, f"projection_dim {P}"),
+    ]
+
+
+def check_llamacpp_pair(llm_path: Path | str, mmproj_path: Path | str) -> str:
+    """Everything checkable in an LLM + mmproj pair before llama.cpp/libmtmd are given it; returns the
+    mmproj's projector type."""
     llm_path, mmproj_path = Path(llm_path), Path(mmproj_path)
     n_embd = check_llm(open_gguf(llm_path, "model"), llm_path)
-    projection = check_mmproj(open_gguf(mmproj_path, "mmproj"), mmproj_path)
+    mmproj = open_gguf(mmproj_path, "mmproj")
+    projection = check_mmproj(mmproj, mmproj_path)
     if projection != n_embd:
         raise UserError(f"{mmproj_path}: clip.vision.projection_dim is {projection} but the LLM {llm_path.name} "
                         f"has embedding_length {n_embd}; the files are from different exports")
+    return _str(mmproj, mmproj_path, "clip.projector_type")

@@ -8,6 +8,15 @@ checkpoint's own chat template) with its image token swapped for libmtmd's media
 tokenized by libmtmd with special tokens added exactly when the reference tokenizer adds them
 (`add_special_tokens`), and decoding is a plain argmax over the last logits (runtime/prompting.py's
 greedy loop), so answers compare question by question.
+
+Tiling projectors (Idefics3/SmolVLM, projector "idefics3"): libmtmd cuts the image into tiles + a
+global view itself and writes the layout text around them itself (`<fake_token_around_image>
+<row_r_col_c>` before each tile, "\n" between rows of tiles, then "\n\n" `<fake_token_around_image>
+<global-img>` + the global view + `<fake_token_around_image>`: the processor's expansion of `<image>`),
+so the PromptSpec's one `<image>` becomes the media marker here too, and `image_embeddings` returns
+every view's embeddings in that order (tiles row-major, then the global view), the reference's order.
+libmtmd looks those layout strings up as single tokens of the vocabulary: one that is missing
+would be fed as token -1, so it is refused when the pair is opened.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from vlm_factory.runtime.prompting import greedy_tokens
 
 
 KV_CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
+# The text libmtmd's idefics3 layout looks up as single vocabulary tokens (mtmd.cpp, init_vision).
+IDEFICS3_LAYOUT_TOKENS = ("\n", "\n\n", "<fake_token_around_image>", "<global-img>")
 
 
 class LlamaCppRuntime:
@@ -43,7 +54,7 @@ class LlamaCppRuntime:
 
         # Readable, the right kinds, and every tensor name and shape what llama.cpp's loaders expect:
         # libmtmd would otherwise crash on an mmproj with one tensor renamed.
-        check_llamacpp_pair(llm_path, mmproj_path)
+        projector = check_llamacpp_pair(llm_path, mmproj_path)
         if kv_cache not in KV_CACHE_TYPES:
             raise UserError(f"KV cache type {kv_cache!r}: llama.cpp runs {', '.join(KV_CACHE_TYPES)}")
         self._lib = llama_cpp
@@ -69,6 +80,16 @@ class LlamaCppRuntime:
         self._marker = mtmd_cpp.mtmd_default_marker().decode()
         self._eos = {self._llm.token_eos()}
         self._prompt = prompt
+        if projector == "idefics3":
+            self._check_layout_tokens(llm_path)
+
+    def _check_layout_tokens(self, llm_path: Path) -> None:
+        for text in IDEFICS3_LAYOUT_TOKENS:
+            ids = self._llm.tokenize(text.encode(), add_bos=False, special=True)
+            if len(ids) != 1:
+                self.close()
+                raise UserError(f"{llm_path}: the vocabulary has no single token for {text!r} ({len(ids)} tokens); "
+                                "libmtmd's idefics3 image layout needs one, as SmolVLM's tokenizer has")
 
     def close(self) -> None:
         self._llm.close()
@@ -107,16 +128,37 @@ class LlamaCppRuntime:
             raise RuntimeError(f"libmtmd failed to tokenize the prompt (status {status})")
         return chunks
 
-    def _prefill(self, image: Image.Image, question: str) -> None:
-        """Evaluate the prompt (text, image, text) into a fresh KV cache; logits of its last token remain."""
+    def _prompt_text(self, question: str) -> str:
         if self._prompt is None:
             raise ValueError("LlamaCppRuntime needs the export's prompt (prompt=PromptSpec) to answer questions")
+        return self._prompt.render(question).replace(self._prompt.image_token, self._marker)
+
+    def prompt_tokens(self, image: Image.Image, question: str) -> list[int | None]:
+        """The prompt as libmtmd lays it out for the LLM: text token ids, None for each image embedding
+        (what the reference tokenizer's expanded prompt has an image token for)."""
+        mtmd = self._mtmd
+        chunks = self._tokenize(self._prompt_text(question), image, add_special=self._prompt.add_special_tokens)
+        tokens: list[int | None] = []
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t(0)
+                    ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    tokens += [int(ids[j]) for j in range(n.value)]
+                else:
+                    tokens += [None] * mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        return tokens
+
+    def _prefill(self, image: Image.Image, question: str) -> None:
+        """Evaluate the prompt (text, image, text) into a fresh KV cache; logits of its last token remain."""
+        text = self._prompt_text(question)
         llm = self._llm
         llm.reset()
         llm._ctx.kv_cache_clear()
-        spec = self._prompt
-        chunks = self._tokenize(spec.render(question).replace(spec.image_token, self._marker), image,
-                                add_special=spec.add_special_tokens)
+        chunks = self._tokenize(text, image, add_special=self._prompt.add_special_tokens)
         try:
             n_past = self._lib.llama_pos(0)
             status = self._mtmd.mtmd_helper_eval_chunks(self._ctx, llm._ctx.ctx, chunks, 0, 0, llm.n_batch, True,
@@ -157,10 +199,12 @@ class LlamaCppRuntime:
                 progress.update(1)
         return answers
 
-    def image_embeddings(self, image: Image.Image) -> np.ndarray:
-        """The mmproj's output for one image: (image tokens, LLM hidden size), as the LLM receives it."""
+    def image_views(self, image: Image.Image) -> list[np.ndarray]:
+        """The mmproj's output for each view libmtmd makes of one image, in prompt order (one view for an
+        "mlp" projector; tiles row-major then the global view for "idefics3"): [(tokens, LLM hidden size)]."""
         mtmd = self._mtmd
         chunks = self._tokenize(self._marker, image)
+        views = []
         try:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
@@ -169,7 +213,13 @@ class LlamaCppRuntime:
                         raise RuntimeError("libmtmd failed to encode the image")
                     n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                     pointer = mtmd.mtmd_get_output_embd(self._ctx)
-                    return np.ctypeslib.as_array(pointer, shape=(n_tokens, self._llm.n_embd())).copy()
+                    views.append(np.ctypeslib.as_array(pointer, shape=(n_tokens, self._llm.n_embd())).copy())
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
-        raise RuntimeError("libmtmd produced no image chunk")
+        if not views:
+            raise RuntimeError("libmtmd produced no image chunk")
+        return views
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """What the LLM receives for one image: (views x image tokens, LLM hidden size), views in prompt order."""
+        return np.concatenate(self.image_views(image))
