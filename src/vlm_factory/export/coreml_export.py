@@ -6,13 +6,15 @@ Settings (`targets.coreml.<tier>`): `nbits` 4 | 6 | 8, `granularity` per_tensor 
 - `vision.mlpackage`: `pixel_values` float32 TensorType [1, 3, H, W], already preprocessed as the
   family's spec in coreml_config.json says (an ImageType takes one scalar scale, so per-channel std
   cannot be folded in) -> `image_features` [1, tokens, hidden] (`family.image_features`: the tower at
-  its feature layer + the connector).
+  its feature layer + the connector). One view per call: a family that cuts images into tiles (a tiling
+  spec) runs it on each tile and the global view, and `image_tokens` counts the tokens of one view.
 - `text.mlpackage`: the family's LLM as a static-cache decoder (export/static_cache.py) with its KV cache
   as iOS18 `ct.StateType` states (`k_cache`, `v_cache`, float16, [layers, 1, kv_heads, max_context,
   head_dim]). Inputs: `inputs_embeds` [1, S, hidden], `position_ids` [1, S] int32, `causal_mask`
   [1, 1, S, past+S] additive float (0 / -inf); the cache window written is [past, past+S) with past =
   mask width - S. Output `logits` [1, S, vocab]. max_context = min(the tier's context_tokens, the
-  model's max positions), refused if one image, the prompt and an answer do not fit (export/context.py).
+  model's max positions), refused if one image (every view of the largest grid of tiles), the prompt and
+  an answer do not fit (export/context.py).
 - The token-embedding table stays outside the packages, unpalettized, as `embed_tokens.npy`
   (float32 [vocab, hidden]): the app looks rows up itself and writes image features into the image-token
   positions before calling the decoder. With tied embeddings the text package still holds the (palettized)
@@ -53,6 +55,7 @@ DEFAULTS = {"granularity": "per_grouped_channel", "group_size": 16}
 COREML_CONFIG = "coreml_config.json"
 EMBED_FILE = "embed_tokens.npy"
 VISION_PACKAGE, TEXT_PACKAGE = "vision.mlpackage", "text.mlpackage"
+CHECK_BATCH = 32  # views per torch call in the export's check (tiles of many images at once would not fit)
 
 
 def coreml_settings(settings, tier: str) -> dict:
@@ -77,9 +80,25 @@ def coreml_settings(settings, tier: str) -> dict:
     return {"nbits": int(nbits), "granularity": granularity, "group_size": group_size}
 
 
+def _tiling_text(spec: dict) -> list[str]:
+    """The resize and cut steps of a tiling spec (runtime/tiling.py), in words."""
+    steps, tile, resample = [], spec["tile_size"], spec["resample"]
+    if spec.get("resize_longest_edge"):
+        steps.append(f"{resample} resize to longest edge {spec['resize_longest_edge']} (at most "
+                     f"{spec['max_resolution']})")
+    if spec.get("split"):
+        steps.append(f"{resample} resize up to whole {tile}x{tile} tiles; views: the tiles row by row, then the whole "
+                     f"image {resample}-resized to {tile}x{tile} (one view if it fits one tile)")
+    else:
+        steps.append(f"{resample} resize to {tile}x{tile} (one view)")
+    return steps
+
+
 def preprocessing_text(spec: dict) -> str:
     """The preprocessing spec in one line, for the package's metadata (apps read the spec itself)."""
     steps = ["RGB"] if spec.get("convert_rgb", True) else []
+    if spec.get("kind") == "idefics3_tiling":
+        steps += _tiling_text(spec)
     if spec.get("pad_to_square"):
         steps.append(f"pad to square with RGB {tuple(spec['pad_color'])}")
     if spec.get("resize"):
@@ -91,7 +110,7 @@ def preprocessing_text(spec: dict) -> str:
         steps.append(f"centre crop {spec['center_crop']['width']}x{spec['center_crop']['height']}")
     steps.append(f"x*{spec['rescale_factor']:.6g}")
     steps.append(f"(x - mean) / std per channel with mean={spec['mean']} std={spec['std']}")
-    return "; ".join(steps + ["NCHW float32"])
+    return "; ".join(steps + ["NCHW float32" + (", one view per call" if spec.get("kind") else "")])
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -255,11 +274,16 @@ def _checks(family, model, artifact_dir: Path, data_dir: Path | None, count: int
         images = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(count)]
 
     with CoreMLRuntime(artifact_dir) as runtime, torch.no_grad():
-        pixels = torch.cat([runtime.pixel_values(image) for image in images])
-        got = family.image_features(runtime.model, pixels).numpy()
-        want = family.image_features(model, pixels).numpy()
+        views = [runtime.pixel_values(image) for image in images]
+        pixels = torch.cat(views)
+        batches = [pixels[start:start + CHECK_BATCH] for start in range(0, len(pixels), CHECK_BATCH)]
+        got = np.concatenate([family.image_features(runtime.model, batch).numpy() for batch in batches])
+        want = np.concatenate([family.image_features(model, batch).numpy() for batch in batches])
         errors = runtime.weight_errors(model)
-    cosines = _cosines(want, got)
+    # Per image, all its views' features flattened (as the parity gate compares them).
+    ends = np.cumsum([len(v) for v in views])
+    cosines = np.concatenate([_cosines(want[start:end].reshape(1, -1), got[start:end].reshape(1, -1))
+                              for start, end in zip([0, *ends[:-1]], ends)])
     return {"vision_cosine_vs_torch": {"images": len(images), "min": round(float(cosines.min()), 6),
                                        "mean": round(float(cosines.mean()), 6)},
             "weight_max_abs_diff": {k: round(v, 6) for k, v in errors.items()}}

@@ -13,14 +13,15 @@ Steps, all in a staging directory swapped in only when everything succeeded:
    - fp32: the optimised graphs;
    - fp16: the optimised graphs converted to float16 with float32 inputs/outputs (embedding too);
    - int8: decoder dynamic per-channel QInt8 from the fused graph, vision static QDQ from the exported
-     graph, calibrated on `calibration_images` training images; both then ORT-optimised, which turns
+     graph, calibrated on `calibration_images` training images (all their views: a family that cuts
+     images into tiles calibrates on every tile and global view); both then ORT-optimised, which turns
      the quantized ops into MatMulIntegerToFloat / DynamicQuantizeMatMul; the embedding stays fp32.
 4. With `ort_format`, each final graph also as `<name>.ort` (ONNX Runtime Mobile) beside it.
 
 The final graphs keep the names genai_config.json gives (vision.onnx, embedding.onnx, text.onnx),
 so `OnnxRuntime(out_dir)` loads them; the config records each graph's precision and `.ort` name.
 The report also measures the result against the fp32 export: vision-feature cosines on the
-calibration images and the first answer token's log-probability on training questions (the parity
+calibration images (per image, all its views' features flattened) and the first answer token's log-probability on training questions (the parity
 stage gates on held-out data; these numbers are for the record).
 """
 
@@ -60,6 +61,7 @@ DEFAULTS = {"ort_format": False}
 ROLES = (("vision", "vision", "vision.onnx"), ("embedding", "embedding", "embedding.onnx"),
          ("text", "decoder", "text.onnx"))
 CHECK_QUESTIONS = 8  # training questions whose first answer token is compared with the fp32 export
+VISION_BATCH = 32  # views per vision-graph run when comparing with the fp32 export
 
 
 def onnx_settings(settings, tier: str) -> dict:
@@ -136,14 +138,26 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def _compare_with_fp32(reference_dir: Path, artifact_dir: Path, pixels: np.ndarray, questions: list) -> dict:
-    """The final graphs vs the fp32 export: vision cosines per image, first-token log-probs per question."""
+def _vision_features(path: Path, pixels: np.ndarray) -> np.ndarray:
+    """The vision graph on every view, VISION_BATCH views per run (tiles of many images at once would not fit)."""
+    return np.concatenate([run_graph(path, {"pixel_values": pixels[start:start + VISION_BATCH]})[0]
+                           for start in range(0, len(pixels), VISION_BATCH)])
 
-    reference = run_graph(reference_dir / "vision.onnx", {"pixel_values": pixels})[0]
-    actual = run_graph(artifact_dir / "vision.onnx", {"pixel_values": pixels})[0]
-    flat_ref, flat = reference.reshape(len(pixels), -1), actual.reshape(len(pixels), -1)
-    cosines = (flat_ref * flat).sum(1) / (np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat, axis=1))
-    result = {"vision_cosine_vs_fp32": {"images": len(pixels), "min": round(float(cosines.min()), 6),
+
+def _compare_with_fp32(reference_dir: Path, artifact_dir: Path, pixels: np.ndarray, view_counts: list[int],
+                       questions: list) -> dict:
+    """The final graphs vs the fp32 export: vision cosines per image (all its views' features flattened, as
+    the parity gate compares them), first-token log-probs per question."""
+
+    reference = _vision_features(reference_dir / "vision.onnx", pixels)
+    actual = _vision_features(artifact_dir / "vision.onnx", pixels)
+    ends = np.cumsum(view_counts)
+    cosines = []
+    for start, end in zip(ends - view_counts, ends):
+        flat_ref, flat = reference[start:end].reshape(1, -1), actual[start:end].reshape(1, -1)
+        cosines.append((flat_ref * flat).sum(1) / (np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat, axis=1)))
+    cosines = np.concatenate(cosines)
+    result = {"vision_cosine_vs_fp32": {"images": len(view_counts), "min": round(float(cosines.min()), 6),
                                         "mean": round(float(cosines.mean()), 6)}}
     if questions:
 
@@ -203,8 +217,8 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                 ort_optimize(fused[role], optimised[role])
         optimised_diffs = _check_optimised(raw, optimised, genai)
         with _timed("reading %d calibration images", calibration_images):
-            pixels = calibration_pixels(records, data_dir, genai["model"]["vision"]["preprocessing"],
-                                        calibration_images)
+            pixels, view_counts = calibration_pixels(records, data_dir, genai["model"]["vision"]["preprocessing"],
+                                                     calibration_images)
 
         exported = "torch.onnx.export(dynamo=True)"
         optimise = ["onnxscript optimize_for_ort", "onnxruntime ORT_ENABLE_EXTENDED"]
@@ -224,8 +238,9 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                 pipelines[role].append("convert_float_to_float16(keep_io_types)")
         else:
             quantized = {role: scratch / f"{role}.int8.onnx" for role in ("vision", "text")}
-            with _timed("vision: static QDQ INT8 on %d images", len(pixels)):
-                extra["vision"]["quantization"] = quantize_vision_static(raw["vision"], quantized["vision"], pixels)
+            with _timed("vision: static QDQ INT8 on %d images (%d views)", len(view_counts), len(pixels)):
+                extra["vision"]["quantization"] = quantize_vision_static(raw["vision"], quantized["vision"], pixels,
+                                                                         images=len(view_counts))
             with _timed("text: dynamic INT8"):
                 extra["text"]["quantization"] = quantize_decoder_dynamic(fused["text"], quantized["text"])
             for role, path in quantized.items():
@@ -251,7 +266,8 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
         write_json(genai, staging / GENAI_CONFIG)
 
         with _timed("comparing the %s graphs with the fp32 export", precision):
-            checks = _compare_with_fp32(raw_dir, staging, pixels, _check_questions(records, data_dir, CHECK_QUESTIONS))
+            checks = _compare_with_fp32(raw_dir, staging, pixels, view_counts,
+                                        _check_questions(records, data_dir, CHECK_QUESTIONS))
         files = {role: _graph_entry(final[role], raw_ops[role], precisions[role], pipelines[role], extra[role])
                  for role in raw}
         report = {
@@ -261,7 +277,8 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
             "total_bytes": sum(f["file_bytes"] for f in files.values()),
             "ort_total_bytes": (sum(f["ort"]["file_bytes"] for f in files.values()) if settings["ort_format"]
                                 else None),
-            "calibration": ({"split": "train", "images": int(len(pixels)), "method": "MinMax"}
+            "calibration": ({"split": "train", "images": len(view_counts), "views": int(len(pixels)),
+                             "method": "MinMax"}
                             if precision == "int8" else None),
             "checks": {"fp32_export_vs_torch_max_abs_diff": fp32_report["self_check_max_abs_diff"],
                        "optimised_vs_export_max_abs_diff": optimised_diffs, **checks},

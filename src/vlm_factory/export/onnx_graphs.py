@@ -71,6 +71,13 @@ ONNX_TOOLS = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 PROMPT_NOTE = ("replace {question} with the stripped question, repeat image_token image_token_repeat times, "
                "tokenize with tokenizer.json (special tokens only if add_special_tokens), put image_features "
                "at those positions")
+# For families that cut images into tiles (a `kind` in vision.preprocessing, `image_layout` in the prompt).
+TILED_PROMPT_NOTE = ("cut the image into rows x cols tiles + a global view as vision.preprocessing says; run "
+                     "vision.onnx on all views (batch = views) and concatenate their image_features in order; "
+                     "replace {question} with the stripped question and image_token with one block per view as "
+                     "image_layout says (image_token_repeat image tokens each; rows = cols = 0: the global block "
+                     "only); tokenize with tokenizer.json (special tokens only if add_special_tokens) and put the "
+                     "features at the image token positions")
 
 
 def kv_names(n_layers: int, key: str, value: str) -> list[str]:
@@ -196,11 +203,14 @@ def genai_config(model, processor, family: ModelFamily | None = None) -> dict:
     """ORT GenAI-style description of the three graphs, plus the prompt and preprocessing they assume.
 
     `eos_token_id` is one id, or a list when the tokenizer's and the LLM config's differ (ORT GenAI
-    takes either); a runtime stops at any of them.
+    takes either); a runtime stops at any of them. `num_image_tokens` is per view: a family that cuts
+    images into tiles (a tiling spec in `preprocessing`, `image_layout` in the prompt) feeds the vision
+    graph every view of an image as one batch.
     """
     family = _family(model, family)
     text, vision, tokenizer = family.text, family.vision, processor.tokenizer
     eos = eos_token_ids(tokenizer, family)
+    prompt = family.prompt(processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id
     return {
         "model": {
@@ -225,7 +235,7 @@ def genai_config(model, processor, family: ModelFamily | None = None) -> dict:
                             "present_value_names": PRESENT_VALUE},
             },
         },
-        "prompt": {**family.prompt(processor).as_dict(), "note": PROMPT_NOTE},
+        "prompt": {**prompt.as_dict(), "note": TILED_PROMPT_NOTE if prompt.image_layout else PROMPT_NOTE},
         "search": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_ANSWER_TOKENS,
                    "max_length": text.max_positions},
     }

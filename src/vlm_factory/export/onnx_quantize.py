@@ -9,8 +9,9 @@ INT8 (`precision: int8`):
   quantized. `quant_pre_process` runs first with `skip_symbolic_shape=True`: onnxruntime's symbolic
   shape inference fails on the dynamo decoder's shape arithmetic.
 - vision (`vision.onnx`): static QDQ (`quantize_static`) calibrated on pixel values of N images of
-  the training split, preprocessed exactly as the artifact's genai_config.json says (runtime/preprocess.py,
-  what the runtime adapter runs). Weights QInt8 per channel, activations QUInt8 per tensor (MinMax), only
+  the training split, preprocessed exactly as the artifact's genai_config.json says (runtime/preprocess.py
+  `image_views`, what the runtime adapter runs): every view of each image, so a family that cuts images
+  into tiles (Idefics3/SmolVLM) calibrates on its tiles and global views, one view per call. Weights QInt8 per channel, activations QUInt8 per tensor (MinMax), only
   at the inputs of MatMul and Conv: the outputs of those ops are left in float
   (`OpTypesToExcludeOutputQuantization`), which onnxruntime runs as MatMulIntegerToFloat. Measured
   on the bundled model (36 images): quantizing those outputs too, i.e. the patch embedding's output,
@@ -44,7 +45,7 @@ import numpy as np
 from vlm_factory.data.images import load_image
 from vlm_factory.errors import UserError
 from vlm_factory.export.onnx_optimize import quiet_loggers
-from vlm_factory.runtime.preprocess import preprocess
+from vlm_factory.runtime.preprocess import image_views
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ QUANTIZED_OPS = {
 FLOAT_OPS_WITH_WEIGHTS = ("MatMul", "Conv", "Gemm", "Attention")
 
 
-def calibration_pixels(records: Sequence, data_dir: Path, preprocessing: dict, count: int) -> np.ndarray:
-    """[n, 3, H, W] float32: `count` distinct images of `records`, spread evenly over the split, preprocessed.
+def calibration_pixels(records: Sequence, data_dir: Path, preprocessing: dict,
+                       count: int) -> tuple[np.ndarray, list[int]]:
+    """([views, 3, H, W] float32, views per image): every view of `count` distinct images of `records`,
+    spread evenly over the split, preprocessed (one view per image unless the spec cuts images into tiles).
 
     `records` are VQA records (several questions share an image; each image is used once) whose
     `.image` is relative to `data_dir`; `preprocessing` is genai_config.json's vision preprocessing.
@@ -69,7 +72,8 @@ def calibration_pixels(records: Sequence, data_dir: Path, preprocessing: dict, c
     if not images:
         raise UserError(f"{data_dir}: the training split has no images to calibrate the INT8 vision graph with")
     picks = np.unique(np.linspace(0, len(images) - 1, num=min(count, len(images))).round().astype(int))
-    return np.stack([preprocess(load_image(data_dir / images[i]), preprocessing) for i in picks])
+    views = [image_views(load_image(data_dir / images[i]), preprocessing)[0] for i in picks]
+    return np.concatenate(views), [len(v) for v in views]
 
 
 def _calibration_reader(pixels: np.ndarray, input_name: str):
@@ -120,8 +124,10 @@ def _pre_process(src: Path, dst: Path, skip_symbolic_shape: bool) -> None:
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic_shape)
 
 
-def quantize_vision_static(src: Path, dst: Path, pixels: np.ndarray, input_name: str = "pixel_values") -> dict:
-    """Static QDQ INT8 of the vision graph, calibrated on `pixels` ([n, 3, H, W]); returns what it did."""
+def quantize_vision_static(src: Path, dst: Path, pixels: np.ndarray, input_name: str = "pixel_values",
+                           images: int | None = None) -> dict:
+    """Static QDQ INT8 of the vision graph, calibrated on `pixels` ([views, 3, H, W], the views of `images`
+    images: as many as views when not given); returns what it did."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-vision.") as scratch:
@@ -137,7 +143,8 @@ def quantize_vision_static(src: Path, dst: Path, pixels: np.ndarray, input_name:
             )
     return {"method": "static", "format": "QDQ", "weights": "QInt8 per channel",
             "activations": "QUInt8 per tensor, MinMax, inputs of MatMul/Conv only",
-            "op_types": list(VISION_OP_TYPES), "calibration_images": int(len(pixels)), **quantization_summary(dst)}
+            "op_types": list(VISION_OP_TYPES), "calibration_images": int(len(pixels) if images is None else images),
+            "calibration_views": int(len(pixels)), **quantization_summary(dst)}
 
 
 def quantize_decoder_dynamic(src: Path, dst: Path) -> dict:

@@ -26,7 +26,8 @@ from vlm_factory.errors import UserError
 
 
 class ImageFeatures(nn.Module):
-    """pixel_values -> what replaces the image tokens: exactly `family.image_features(model, pixels)`.
+    """pixel_values -> what replaces the image tokens: exactly `family.image_features(model, pixels)`, for
+    one view of an image or a batch of them (a family that cuts images into tiles: each tile, the global view).
 
     The whole model is a submodule so tracers name each weight by its path in the model; the tracers
     keep only what the computation reads."""

@@ -6,7 +6,8 @@ Settings (`targets.tflite.<tier>`): `precision` fp32 | fp16 (fp16 = litert-torch
 Files, written atomically with an export report:
 
     vision.tflite         signature `serving_default`: pixel_values [1, 3, H, W] (NCHW, float32)
-                          -> image_features [1, image tokens, text hidden]
+                          -> image_features [1, image tokens, text hidden]; one view per call (a family that
+                          cuts images into tiles runs it on each tile and the global view, in order)
     decoder.tflite        two signatures over one fixed-size KV cache (litert-torch generative style):
                           `prefill`: inputs_embeds [1, PREFILL_LENGTH, hidden], input_pos [PREFILL_LENGTH] int32,
                                      k_cache / v_cache [layers, kv heads, max context, head dim]
@@ -24,7 +25,7 @@ Files, written atomically with an export report:
 Vision is `family.image_features`; the decoder is the family's LLM as export/static_cache.py's
 FunctionalDecoder (shared with Core ML), because transformers' DynamicCache does not trace to static
 shapes. The cache length is min(the tier's context_tokens, the model's max positions), refused if one
-image, the prompt and an answer do not fit (export/context.py). `self_check` compares the graphs with
+image (every view of the largest grid of tiles), the prompt and an answer do not fit (export/context.py). `self_check` compares the graphs with
 PyTorch before anything is accepted.
 """
 

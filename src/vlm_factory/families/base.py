@@ -121,7 +121,12 @@ class PromptSpec:
         return self.answer.replace("{answer}", answer.strip())
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What exporters write as a config's `prompt`; no `image_layout` key for a family that does not cut
+        images (its configs stay as they were before tiling existed; the key is optional when read back)."""
+        data = asdict(self)
+        if data["image_layout"] is None:
+            del data["image_layout"]
+        return data
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,17 @@ def _config_rules() -> dict[str, Rule]:
 CONFIG_RULES = _config_rules()
 
 
+def tile_position_ids(side: int) -> torch.Tensor:
+    """[side * side] int64: the position ids transformers' Idefics3VisionEmbeddings gives the patches of a whole
+    tile of `side` x `side` patches (an all-ones patch mask), by its own float32 arithmetic. Not always
+    0..N-1: its bucketing repeats a row or column for some sizes (19, 25, 29, 31, ... patches per side)."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    step = 1.0 / torch.tensor([side])  # an int64 count, as the mask's sum is
+    coords = torch.clamp(torch.arange(side, dtype=torch.float32)[None, :] * step[:, None], max=(1.0 - 1e-6))
+    buckets = torch.bucketize(coords, boundaries, right=True)[0]
+    return (buckets[:, None] * side + buckets[None, :]).reshape(-1)
+
+
 class Idefics3Family(ModelFamily):
     name = "idefics3"
     model_types = ("idefics3",)
@@ -152,6 +163,8 @@ class Idefics3Family(ModelFamily):
         if not self.image_token_id < text.vocab_size:
             raise UserError(f"{where}: image_token_id must be below text_config.vocab_size "
                             f"(got {self.image_token_id} with {text.vocab_size} tokens)")
+        # Now, eagerly: tower_features runs inside graph tracers, which would record (or fake) this.
+        self._tile_positions = tile_position_ids(side)
 
     # -- torch ------------------------------------------------------------------------------------------
 
@@ -179,8 +192,15 @@ class Idefics3Family(ModelFamily):
         return Idefics3ForConditionalGeneration(self.config)
 
     def tower_features(self, model, pixel_values):
-        # Whole tiles only (image_views never pads), so every patch is real: the default all-ones mask.
-        return model.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        # Whole tiles only (image_views never pads), so every patch is real: transformers' forward with its
+        # default all-ones mask, spelled out so that it traces to a static graph. Its embeddings place the
+        # patches with bucketize and float arithmetic on that mask, which LiteRT and Core ML cannot lower;
+        # for a whole tile they depend on its size alone, so they are computed once (`tile_position_ids`).
+        vision = model.model.vision_model
+        embeddings = vision.embeddings
+        hidden = embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        hidden = hidden + embeddings.position_embedding(self._tile_positions.to(hidden.device))
+        return vision.post_layernorm(vision.encoder(inputs_embeds=hidden).last_hidden_state)
 
     def project(self, model, features):
         return model.model.connector(features)

@@ -11,6 +11,9 @@ anything missing raises, so parity always measures the artifact's weights, never
 With tied embeddings the device looks rows up in the float table and computes logits with the text
 package's palettized copy; the adapter unties the two the same way (`output_projection` in the config).
 Prompts and preprocessing come from coreml_config.json (the family's PromptSpec and spec), as on a device.
+An image is one view (LLaVA) or, with a tiling spec (Idefics3/SmolVLM), `rows x cols` tiles + a global view
+(runtime/preprocess.py `image_views`); the vision package takes one [1, 3, H, W] view, so it runs once per
+view and the features are concatenated view by view, and the prompt is expanded for that grid.
 
 coreml_config.json is validated before anything opens (runtime/artifact_schema.py `CoremlConfig`), then
 checked against what the export's own files build: the tokenizer's image and EOS ids, the family, variant,
@@ -31,11 +34,12 @@ from PIL import Image
 
 from vlm_factory.artifacts import config_files, read_artifact_json, read_npy
 from vlm_factory.errors import UserError, first_line
+from vlm_factory.families.base import ImageViews
 from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.runtime.artifact_schema import FIX, CoremlConfig, config_error, parse_config
 from vlm_factory.runtime.coreml_weights import read_package_weights
-from vlm_factory.runtime.preprocess import preprocess
+from vlm_factory.runtime.preprocess import config_image_views
 from vlm_factory.runtime.prompting import check_special_tokens, prompt_token_ids
 
 COREML_CONFIG = "coreml_config.json"  # as export/coreml_export.py writes it; runtimes never import exporters
@@ -240,29 +244,35 @@ class CoreMLRuntime:
         import coremltools as ct
 
         mlmodel = ct.models.MLModel(str(self._files["vision"]))
-        pixels = self.pixel_values(image).numpy()
-        return mlmodel.predict({"pixel_values": pixels})["image_features"][0]
+        return np.concatenate([mlmodel.predict({"pixel_values": view[None]})["image_features"][0]
+                               for view in self.pixel_values(image).numpy()])
 
     # -- the adapter interface -----------------------------------------------------------------------
 
+    def views(self, image: Image.Image) -> ImageViews:
+        """The image as coreml_config.json's spec prepares it (what the app implements): [views, 3, H, W]
+        float32 (one view unless the spec cuts images into tiles) and the grid of tiles."""
+        pixels, rows, cols = config_image_views(self.typed_config.vision, image, self.artifact_dir / COREML_CONFIG)
+        return ImageViews(torch.from_numpy(pixels), rows, cols)
+
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        """[1, 3, H, W] float32, preprocessed as coreml_config.json's spec says (what the app implements)."""
-        vision = self.typed_config.vision
-        pixels = preprocess(image, vision.preprocessing)[None]
-        if list(pixels.shape[2:]) != list(vision.image_size):  # the schema makes this impossible; kept as a guard
-            raise UserError(f"{self.artifact_dir / COREML_CONFIG}: preprocessing makes {pixels.shape[2:]} images, "
-                            f"the vision package takes {vision.image_size}")
-        return torch.from_numpy(pixels)
+        """[views, 3, H, W] float32, preprocessed as coreml_config.json's spec says."""
+        return self.views(image).pixel_values
 
     @torch.inference_mode()
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
-        return self.family.image_features(self.model, self.pixel_values(image))[0].numpy()
+        """The vision package's features for every view, one view per call as the app runs it, concatenated
+        in view order: (views * image tokens, LLM hidden size) (one view: (image tokens, hidden))."""
+        features = [self.family.image_features(self.model, view[None])[0] for view in self.pixel_values(image)]
+        return torch.cat(features).numpy()
 
     @torch.inference_mode()
     def first_token_logits(self, image: Image.Image, question: str) -> np.ndarray:
-        input_ids = torch.tensor([prompt_token_ids(self.prompt, self.processor.tokenizer, question)])
+        views = self.views(image)
+        input_ids = torch.tensor([prompt_token_ids(self.prompt, self.processor.tokenizer, question, views.rows,
+                                                   views.cols)])
         out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         pixel_values=self.pixel_values(image))
+                         **self.family.generation_pixels([views]))
         return out.logits[0, -1].numpy().copy()
 
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:

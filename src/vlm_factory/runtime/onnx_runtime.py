@@ -6,6 +6,11 @@ the tokenizer files. Preprocessing is done with PIL and numpy from that config (
 rather than by transformers' processor, so the parity gate measures what a device app would compute;
 the prompt is the exported PromptSpec (runtime/prompting.py), whatever the model's chat template is.
 
+An image is one view (LLaVA) or, with a tiling spec (Idefics3/SmolVLM), `rows x cols` tiles + a global
+view (runtime/preprocess.py `image_views`): the vision graph runs once on all views as one batch (its
+batch axis is dynamic), the features are concatenated view by view, and the prompt's image token is
+expanded for that grid (`PromptSpec.expanded(question, rows, cols)`), `num_image_tokens` per view.
+
 The config is validated before anything opens (runtime/artifact_schema.py `GenaiConfig`), then
 checked against the graphs themselves: every input and output name it derives exists, each graph
 takes exactly what the adapter feeds, and the static dims (image size, KV heads, head size, hidden
@@ -32,7 +37,7 @@ from vlm_factory.hf_files import load_pretrained
 from vlm_factory.runtime.artifact_schema import FIX, GenaiConfig, OnnxModel, read_runtime_config
 from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.onnx_check import check_external_data
-from vlm_factory.runtime.preprocess import config_pixel_values
+from vlm_factory.runtime.preprocess import config_image_views
 from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
 
 # The exporter's name for it (export/onnx_graphs.py); runtimes never import exporters.
@@ -204,12 +209,22 @@ class OnnxRuntime:
             raise UserError(f"{self._graphs[role]}: onnxruntime cannot run this graph ({first_line(exc)}); "
                             "re-run its export") from None
 
-    def pixel_values(self, image: Image.Image) -> np.ndarray:
-        """[1, 3, H, W] float32, preprocessed as the artifact's config describes."""
-        return config_pixel_values(self.typed_config.model.vision, image, self.artifact_dir / GENAI_CONFIG)
+    def views(self, image: Image.Image) -> tuple[np.ndarray, int, int]:
+        """[views, 3, H, W] float32 and the grid of tiles (rows, cols), as the artifact's config describes."""
+        return config_image_views(self.typed_config.model.vision, image, self.artifact_dir / GENAI_CONFIG)
 
-    def _prompt_ids(self, question: str) -> np.ndarray:
-        return np.asarray([prompt_token_ids(self.prompt, self.tokenizer, question)], dtype=np.int64)
+    def pixel_values(self, image: Image.Image) -> np.ndarray:
+        """[views, 3, H, W] float32 (one view unless the spec cuts images into tiles), as the config describes."""
+        return self.views(image)[0]
+
+    def _prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> np.ndarray:
+        return np.asarray([prompt_token_ids(self.prompt, self.tokenizer, question, rows, cols)], dtype=np.int64)
+
+    def _features(self, pixels: np.ndarray) -> np.ndarray:
+        """Every view through the vision graph in one batch: [views * image tokens, LLM hidden], view by view."""
+        io = self.typed_config.model.vision
+        features = self._run("vision", [io.outputs.image_features], {io.inputs.pixel_values: pixels})[0]
+        return features.reshape(-1, features.shape[-1])
 
     def _embed(self, input_ids: np.ndarray) -> np.ndarray:
         io = self.typed_config.model.embedding
@@ -231,13 +246,15 @@ class OnnxRuntime:
         return logits[0, -1], dict(zip(self._past_names, present))
 
     def _prefill(self, image: Image.Image, question: str):
-        ids = self._prompt_ids(question)
+        pixels, rows, cols = self.views(image)
+        ids = self._prompt_ids(question, rows, cols)
         embeds = self._embed(ids)
         slots = ids[0] == self._image_token_id
-        features = self.image_embeddings(image)
+        features = self._features(pixels)
         if int(slots.sum()) != features.shape[0]:
             raise UserError(f"{self.artifact_dir}: the prompt has {int(slots.sum())} image tokens, the vision graph "
-                            f"makes {features.shape[0]} features (genai_config.json disagrees with vision.onnx)")
+                            f"makes {features.shape[0]} features for {len(pixels)} views (genai_config.json "
+                            "disagrees with vision.onnx)")
         embeds[0, slots] = features
         logits, past = self._decode(embeds, self._empty_cache(), 0)
         return logits, past, ids.shape[1]
@@ -245,9 +262,9 @@ class OnnxRuntime:
     # -- the adapter interface -------------------------------------------------------------------
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
-        """The vision graph's output for one image: (image tokens, LLM hidden size), as the LLM receives it."""
-        io = self.typed_config.model.vision
-        return self._run("vision", [io.outputs.image_features], {io.inputs.pixel_values: self.pixel_values(image)})[0][0]
+        """The vision graph's output for every view of one image, concatenated in view order:
+        (views * image tokens, LLM hidden size), as the LLM receives it (one view: (image tokens, hidden))."""
+        return self._features(self.pixel_values(image))
 
     def first_token_logits(self, image: Image.Image, question: str) -> np.ndarray:
         """Logits over the vocabulary for the first answer token."""

@@ -27,9 +27,10 @@ def prompt_from_config(section, source: Path | str) -> PromptSpec:
     return parse_config(PromptSection, section, source, prefix="prompt").spec()
 
 
-def prompt_token_ids(prompt: PromptSpec, tokenizer, question: str) -> list[int]:
-    """The model's prompt for one question, one image token per visual token, tokenized."""
-    return tokenizer(prompt.expanded(question), add_special_tokens=prompt.add_special_tokens).input_ids
+def prompt_token_ids(prompt: PromptSpec, tokenizer, question: str, rows: int = 0, cols: int = 0) -> list[int]:
+    """The model's prompt for one question, one image token per visual token, tokenized; for a family that
+    cuts images into tiles, `rows` x `cols` is the image's grid (0, 0: one view, `image_views` says which)."""
+    return tokenizer(prompt.expanded(question, rows, cols), add_special_tokens=prompt.add_special_tokens).input_ids
 
 
 class _Eos(Schema):

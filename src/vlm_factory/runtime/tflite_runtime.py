@@ -4,6 +4,11 @@ Everything comes from the artifact directory, as on a device: `tflite_config.jso
 and tensor names, cache shape, token ids, the model family's prompt and image preprocessing spec) and
 the tokenizer files. Preprocessing is runtime/preprocess.py's numpy/PIL implementation of the spec.
 
+An image is one view (LLaVA) or, with a tiling spec (Idefics3/SmolVLM), `rows x cols` tiles + a global
+view (runtime/preprocess.py `image_views`): the vision signature takes one [1, 3, H, W] view, so it runs
+once per view, the features are concatenated view by view, and the prompt's image token is expanded for
+that grid (`PromptSpec.expanded(question, rows, cols)`), `num_image_tokens` per view.
+
 The config is validated before anything opens (runtime/artifact_schema.py `TfliteConfig`), then
 checked against the models: the signatures it names exist and take the tensors the adapter feeds,
 with the cache shape, prefill length, hidden size and vocabulary the config says; the embedding
@@ -31,7 +36,7 @@ from vlm_factory.hf_files import load_pretrained
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 from vlm_factory.runtime.artifact_schema import FIX, TfliteConfig, TfliteModel, config_error, read_runtime_config
 from vlm_factory.runtime.declared_io import DeclaredIO
-from vlm_factory.runtime.preprocess import config_pixel_values
+from vlm_factory.runtime.preprocess import config_image_views
 from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
 
 TFLITE_CONFIG = "tflite_config.json"  # the exporter's name for it; runtimes never import exporters
@@ -167,15 +172,27 @@ class TFLiteRuntime:
             raise UserError(f"{self._files[role]}: LiteRT cannot run this model ({first_line(exc)}); "
                             "re-run its export") from None
 
-    def pixel_values(self, image: Image.Image) -> np.ndarray:
-        """[1, 3, H, W] float32, preprocessed as the artifact's config describes."""
-        return config_pixel_values(self.typed_config.model.vision, image, self.artifact_dir / TFLITE_CONFIG)
+    def views(self, image: Image.Image) -> tuple[np.ndarray, int, int]:
+        """[views, 3, H, W] float32 and the grid of tiles (rows, cols), as the artifact's config describes."""
+        return config_image_views(self.typed_config.model.vision, image, self.artifact_dir / TFLITE_CONFIG)
 
-    def _prompt_ids(self, question: str) -> np.ndarray:
-        return np.asarray(prompt_token_ids(self.prompt, self.tokenizer, question), dtype=np.int64)
+    def pixel_values(self, image: Image.Image) -> np.ndarray:
+        """[views, 3, H, W] float32 (one view unless the spec cuts images into tiles), as the config describes."""
+        return self.views(image)[0]
+
+    def _prompt_ids(self, question: str, rows: int = 0, cols: int = 0) -> np.ndarray:
+        return np.asarray(prompt_token_ids(self.prompt, self.tokenizer, question, rows, cols), dtype=np.int64)
+
+    def _features(self, pixels: np.ndarray) -> np.ndarray:
+        """The vision signature on each view ([1, 3, H, W] each): [views * image tokens, LLM hidden], in view order."""
+        io = self.typed_config.model.vision
+        features = [self._call(self._vision, "vision", **{io.inputs.pixel_values: view[None]})
+                    [io.outputs.image_features][0] for view in pixels]
+        return np.concatenate(features)
 
     def _prefill(self, image: Image.Image, question: str):
-        ids = self._prompt_ids(question)
+        pixels, rows, cols = self.views(image)
+        ids = self._prompt_ids(question, rows, cols)
         if len(ids) + MAX_ANSWER_TOKENS > self._max_context:
             raise UserError(f"question too long for the TFLite decoder's context of {self._max_context} "
                             f"positions ({len(ids)} prompt tokens)")
@@ -184,10 +201,11 @@ class TFLiteRuntime:
                             f"table has {len(self._table)} rows; re-run its export")
         embeds = self._table[ids]
         slots = ids == self._image_token_id
-        features = self.image_embeddings(image)
+        features = self._features(pixels)
         if int(slots.sum()) != features.shape[0]:
             raise UserError(f"{self.artifact_dir}: the prompt has {int(slots.sum())} image tokens, the vision model "
-                            f"makes {features.shape[0]} features ({TFLITE_CONFIG} disagrees with the vision file)")
+                            f"makes {features.shape[0]} features for {len(pixels)} views ({TFLITE_CONFIG} disagrees "
+                            "with the vision file)")
         embeds[slots] = features
         k_cache = np.zeros(self._cache_shape, dtype=np.float32)
         v_cache = np.zeros(self._cache_shape, dtype=np.float32)
@@ -213,10 +231,9 @@ class TFLiteRuntime:
     # -- the adapter interface -------------------------------------------------------------------
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
-        """The vision model's output for one image: (image tokens, LLM hidden size), as the LLM receives it."""
-        io = self.typed_config.model.vision
-        out = self._call(self._vision, "vision", **{io.inputs.pixel_values: self.pixel_values(image)})
-        return out[io.outputs.image_features][0]
+        """The vision model's output for every view of one image, concatenated in view order:
+        (views * image tokens, LLM hidden size), as the LLM receives it (one view: (image tokens, hidden))."""
+        return self._features(self.pixel_values(image))
 
     def first_token_logits(self, image: Image.Image, question: str) -> np.ndarray:
         """Logits over the vocabulary for the first answer token."""
