@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from vlm_factory.families.mobilevlm import V1_TEMPLATE
+
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # Chat templates in the shape of the originals (written here, not copied): LLaVA-1.5 and ChatML.
@@ -235,19 +237,6 @@ def smolvlm_256m(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int
     return _save(model, processor, out, layout)
 
 
-# MobileVLM's "v1" conversation (its inference script's), as a chat template written here:
-# "<system> USER: <image>\n{question} ASSISTANT:" and " {answer}</s>" after it.
-MOBILEVLM_V1_TEMPLATE = (
-    "{{ 'A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user\\'s questions. ' }}"
-    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ ' ' }}{% else %}{{ 'ASSISTANT: ' }}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ '</s>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-
-
 def mobilevlm_v2_1_7b(out: Path, layout: str = "hub", seed: int = 0, text_hidden: int = 128,
                       text_intermediate: int = 256, image_size: int = 112) -> Path:
     """mtgv/MobileVLM_V2-1.7B shrunk, in its published layout: config.json with the published keys (Llama keys
@@ -306,7 +295,9 @@ def mobilevlm_v2_1_7b(out: Path, layout: str = "hub", seed: int = 0, text_hidden
     CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                           do_center_crop=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
                           image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(out)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": MOBILEVLM_V1_TEMPLATE}))
+    # The template the family gives a checkpoint without one (tests assert its prompt literally), written in as
+    # a hub conversion would.
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": V1_TEMPLATE}))
     return out
 
 
