@@ -393,7 +393,9 @@ def test_processor_files_that_do_not_fit_are_refused(checkpoint, tmp_path, case,
     assert "\n" not in message and all(needle in message for needle in needles), message
 
 
-def test_unsupported_formats_are_refused_before_work(loaded, tmp_path):
+def test_gguf_is_refused_for_a_grid_llama_cpp_cannot_run_before_work(loaded, tmp_path):
+    """GGUF is supported for the published 24x24 grid only (test_family_gguf_mobilevlm.py): this 8x8 tower
+    is refused in one line, before any file is written."""
     from vlm_factory.export.targets import export_target
 
     family = loaded.family
@@ -404,7 +406,8 @@ def test_unsupported_formats_are_refused_before_work(loaded, tmp_path):
         family.require_format("gguf")
     message = str(info.value)
     assert "\n" not in message and "model family 'mobilevlm' (clip + ldpv2 + llama) cannot be exported to gguf" in message
-    assert "'ldpv2'" in message and message.endswith("supported here: onnx, coreml, tflite")
+    assert "ldpv2 graph reshapes a 24x24 patch grid, this tower makes 8x8" in message
+    assert message.endswith("supported here: onnx, coreml, tflite")
     assert family.known_issue("gguf") and family.known_issue("onnx") is None
     with pytest.raises(UserError, match="cannot be exported to gguf"):
         export_target("gguf", model_dir=loaded.path, out_dir=tmp_path / "out", tier="t", settings={},

@@ -2,14 +2,17 @@
 
 Both files are first written at full precision by our gguf-py writers (LLM in F16, mmproj in F32),
 then quantized by llama.cpp itself: the LLM to the tier's `llm` file type, the mmproj's vision
-blocks to `vision` and its projector (`mm.*`) to `projector`. The report lists every tensor with
-its type and bits per weight, the fallbacks llama.cpp chose, file sizes and tool versions, and
-the model family's prompt (`prompt`, what the runtime renders questions with) and preprocessing.
+blocks to `vision` and its projector (`mm.*`) to `projector`, except the few tensors the mmproj
+writer had to write in the one type llama.cpp runs them in (`pinned_types`), which keep it. The
+report lists every tensor with its type and bits per weight, the fallbacks llama.cpp chose, file
+sizes and tool versions, and the model family's prompt (`prompt`, what the runtime renders
+questions with) and preprocessing.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -40,6 +43,14 @@ def gguf_settings(settings: dict, tier: str) -> dict:
         raise UserError(f"key 'targets.gguf.{tier}' must set llm (and optionally vision, projector); "
                         f"got {', '.join(sorted(settings)) or 'nothing'}")
     return {**DEFAULTS, **{k: str(v).upper() for k, v in settings.items()}}
+
+
+def pinned_types(written: dict[str, str]) -> dict[str, str]:
+    """Overrides keeping the tensors the F32 mmproj writer wrote in another type in that type.
+
+    Such a tensor is one llama.cpp runs in that type only (ldpv2's depthwise-convolution kernel: F16);
+    a tier's `projector: F32` would otherwise convert it, which aborts llama.cpp's quantizer."""
+    return {f"^{re.escape(name)}$": kind for name, kind in written.items() if kind != "F32"}
 
 
 def ggml_commit() -> str:
@@ -87,12 +98,13 @@ def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> di
     with atomic_dir(out_dir) as staging, scratch_dir(out_dir) as scratch:
         full_llm, full_mmproj = scratch / "llm-F16.gguf", scratch / "mmproj-F32.gguf"
         write_llm_gguf(model_dir, full_llm, "F16", family=family)
-        write_mmproj_gguf(model_dir, full_mmproj, family=family, processor=processor)
+        written = write_mmproj_gguf(model_dir, full_mmproj, family=family, processor=processor)
         log.info("quantizing the LLM to %s and the mmproj to %s (projector %s) with llama.cpp",
                  settings["llm"], settings["vision"], settings["projector"])
         fallbacks = quantize(full_llm, staging / llm_name, settings["llm"], key=f"targets.gguf.{tier}.llm")
+        # llama.cpp applies the first pattern that matches a tensor: the pinned ones come first.
         fallbacks += quantize(full_mmproj, staging / mmproj_name, settings["vision"],
-                              {r"^mm\.": settings["projector"], r"^v\.": settings["vision"]},
+                              {**pinned_types(written), r"^mm\.": settings["projector"], r"^v\.": settings["vision"]},
                               key=f"targets.gguf.{tier}.vision")
         for f in fallbacks:
             log.warning("%s: wanted %s, llama.cpp used %s (%s)", f.tensor, f.wanted, f.used, f.reason)
@@ -104,7 +116,7 @@ def export_gguf(model_dir: Path, out_dir: Path, tier: str, settings: dict) -> di
             "model": family.summary(),
             "prompt": prompt.as_dict(),
             # What llama.cpp gets from the mmproj is mean, std and size; the processor's full recipe is
-            # kept for the record (clip.cpp letterboxes an "mlp" projector's images whatever it says).
+            # kept for the record (clip.cpp letterboxes an "mlp" or "ldpv2" projector's images whatever it says).
             "vision": {"preprocessing": family.preprocessing(processor)},
             "tools": {"gguf": version("gguf"), "llama_cpp_python": version("llama_cpp_python"),
                       "llama_cpp_commit": ggml_commit()},

@@ -12,6 +12,13 @@ the connector reads, and the keys only that projector has:
   `v.post_ln`, `clip.vision.projector.scale_factor` (pixel shuffle) and the tile size as
   `clip.vision.image_size` with the processor's longest edge as `clip.vision.preproc_image_size`
   (llama.cpp cuts the image into tiles itself, with its own resampling: see families/idefics3.py).
+- "ldpv2" (MobileVLM V2): `mlp.mlp.{0,2}` -> `mm.model.mlp.{0,2}` and the depthwise 3x3 convolution
+  `peg.peg.0` -> `mm.model.peg.0`, the explicit feature layer as for "mlp" (clip.cpp runs it in the same
+  llava graph). The convolution kernel is written in F16 whatever the file's precision: ggml's
+  depthwise convolution (ggml_conv_2d_dw) unfolds its input into F16 columns and multiplies them by
+  the kernel, which must then be F16 too. The graph reshapes the patches to a fixed 24x24 grid
+  (`int n_patch = 24` in clip.cpp / tools/mtmd/models/llava.cpp): a tower with another grid is refused
+  by the family, and by runtime/gguf_check before libmtmd would abort on it.
 
 CLIP and SigLIP towers are written faithfully: patch embedding, class embedding and pre-layernorm
 when the tower has them. A LLaVA connector reads one hidden state of the tower before any
@@ -32,6 +39,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +63,20 @@ class ProjectorLayout:
     post_layernorm: bool        # the connector reads the tower's output after its post-layernorm (v.post_ln)
     feature_layer: bool         # clip.vision.feature_layer is written (clip.cpp's llava graph reads it)
     tiles: bool                 # image_size is one tile; the processor's longest edge is preproc_image_size
+    f16_tensors: frozenset[str] = frozenset()  # llama.cpp names written in F16 at every precision (see above)
 
 
 # llama.cpp's names of a connector's layers, by projector type: its loader wants mm.0 / mm.2 for "mlp",
-# mm.model.fc (TN_MM_PROJECTOR) for "idefics3".
+# mm.model.fc (TN_MM_PROJECTOR) for "idefics3", mm.model.mlp.N / mm.model.peg.N (TN_MVLM_PROJ_MLP / _PEG)
+# for "ldpv2".
 PROJECTORS = {
     "mlp": ProjectorLayout({"linear_1": "mm.0", "linear_2": "mm.2"}, post_layernorm=False, feature_layer=True,
                            tiles=False),
     "idefics3": ProjectorLayout({"modality_projection.proj": "mm.model.fc"}, post_layernorm=True,
                                 feature_layer=False, tiles=True),
+    "ldpv2": ProjectorLayout({"mlp.mlp.0": "mm.model.mlp.0", "mlp.mlp.2": "mm.model.mlp.2",
+                              "peg.peg.0": "mm.model.peg.0"}, post_layernorm=False, feature_layer=True, tiles=False,
+                             f16_tensors=frozenset({"mm.model.peg.0.weight"})),
 }
 # A CLIP or SigLIP tower's tensors (local names) -> llama.cpp's; None: not part of what the connector reads.
 TOWER_NAMES = (
@@ -91,6 +104,10 @@ def tower_name(local: str, post_layernorm: bool = False) -> str | None:
         if match:
             return None if name is None else name.format(*match.groups())
     raise UserError(f"vision tower tensor {local!r} has no mmproj name; unsupported vision tower layout")
+
+
+def _load(tensor, dtype) -> np.ndarray:
+    return tensor.load().astype(dtype)
 
 
 def _check(family, preprocessing: dict, source: Path) -> None:
@@ -131,7 +148,8 @@ def _check_tiling(family, preprocessing: dict, source: Path) -> None:
 
 
 def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=None) -> dict[str, str]:
-    """Write the vision tower and connector of a checkpoint directory as an F32 mmproj GGUF."""
+    """Write the vision tower and connector of a checkpoint directory as an F32 mmproj GGUF (the projector's
+    `f16_tensors` in F16)."""
     import gguf
 
     from vlm_factory.families import family_of
@@ -183,8 +201,10 @@ def write_mmproj_gguf(model_dir: Path, out_path: Path, family=None, processor=No
             for tensor in component_tensors(model_dir, family, component):
                 name = rename(tensor.local)
                 if name is not None:
-                    writer.add_tensor(name, deferred(tensor.shape, np.float32, tensor.load))
-                    summary[name] = "F32"
+                    half = name in layout.f16_tensors
+                    writer.add_tensor(name, deferred(tensor.shape, np.float16 if half else np.float32,
+                                                     partial(_load, tensor, np.float16) if half else tensor.load))
+                    summary[name] = "F16" if half else "F32"
 
     write_gguf(out_path, "clip", fill)
     if not any(name.startswith("mm.") for name in summary) or "v.patch_embd.weight" not in summary:

@@ -110,10 +110,14 @@ class MobileVLMFamily(ModelFamily):
     model_types = ("mobilevlm",)
     description = "MobileVLM V2: CLIP tower + LDPv2 projector (MLP, 2x2 pooling, conv residual) + MobileLLaMA"
     format_support = {
-        "gguf": "no mmproj writer for llama.cpp's 'ldpv2' projector yet (mm.model.mlp.0/2, mm.model.peg.0; "
-                "llama.cpp's ldpv2 graph also runs 24x24-patch towers only)",
-        "onnx": None, "coreml": None, "tflite": None,
+        "gguf": None, "onnx": None, "coreml": None, "tflite": None,
     }
+    format_notes = {"gguf": "projector 'ldpv2', for the published towers' 24x24 patch grid only (llama.cpp's graph "
+                            "is built for it); the pinned llama.cpp orders the CLIP tower's CLS token after the "
+                            "patches (ggml-org/llama.cpp#25814): the embedding gate fails the export and says so. "
+                            "llama.cpp resizes a non-square image and then pads it, MobileVLM pads and then "
+                            "resizes: the parity's preprocessing check reports it (cosine 0.97 tall / 0.98 wide "
+                            "on the shrunk MobileVLM V2)"}
     variants_refused = ("projectors other than LDPv2 (mm_projector_type 'ldpnetv2')",
                         "towers other than CLIP, or whose patch grid has an odd side",
                         "checkpoints without vision_config and image_token_index in config.json")
@@ -126,7 +130,7 @@ class MobileVLMFamily(ModelFamily):
 
     def format_refusal(self, fmt: str) -> str | None:
         reason = super().format_refusal(fmt)
-        # Once an ldpv2 mmproj writer exists (gguf supported above), only 24x24-patch towers may use it.
+        # llama.cpp's ldpv2 graph is built for one grid only (the published 336 px / patch 14 towers).
         if reason is None and fmt == "gguf" and self._grid != LLAMA_CPP_LDPV2_GRID:
             return (f"llama.cpp's ldpv2 graph reshapes a {LLAMA_CPP_LDPV2_GRID}x{LLAMA_CPP_LDPV2_GRID} patch grid, "
                     f"this tower makes {self._grid}x{self._grid}")

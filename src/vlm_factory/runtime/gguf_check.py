@@ -7,7 +7,8 @@ gguf-py's reader checks the magic, version and that every tensor's data lies ins
 name and shape is checked against what llama.cpp's loaders will look for, derived from the file's
 own metadata (LLM: its arch's block count, embedding length, head counts, feed-forward length,
 vocabulary; mmproj: the projector type, the tower's width, depth, patch and image size, the
-projection dim, the projector's own keys such as Idefics3's scale factor). libmtmd trusts an
+projection dim, the projector's own keys such as Idefics3's scale factor, ldpv2's fixed grid and F16
+convolution kernel, without which libmtmd aborts the process). libmtmd trusts an
 mmproj's tensors: one renamed by a single byte loads as "absent" and the first image dereferences
 it (a segfault), so a renamed, missing, extra or misshapen tensor is refused here as a one-line
 error naming the file and the tensor.
@@ -23,7 +24,10 @@ from vlm_factory.errors import UserError
 
 # The LLM archs (our exporter's) and mmproj projector types the tensor checks know.
 LLM_ARCHS = ("llama", "qwen2")
-PROJECTOR_TYPES = ("mlp", "idefics3")
+PROJECTOR_TYPES = ("mlp", "idefics3", "ldpv2")
+# clip.cpp's ldpv2 graph reshapes the patches to this fixed grid (`int n_patch = 24`); any other count
+# fails a GGML_ASSERT inside libmtmd, which aborts the process.
+LDPV2_GRID = 24
 _MAX_DIM = 1 << 24  # far beyond any real width/depth; a corrupt value would otherwise size allocations
 
 
@@ -239,9 +243,40 @@ def check_mmproj(reader, path: Path | str) -> int:
     return P
 
 
+def _ldpv2_specs(reader, path: Path, shapes: dict, H: int, P: int, side: int) -> list:
+    """MobileVLM V2's LDPv2: mm.model.mlp.0 (+ GELU) + mm.model.mlp.2, 2x2 pooling, a depthwise 3x3
+    convolution mm.model.peg.0 (kernel [3, 3, 1, P] as written from torch, or [3, 3, P] as llama.cpp's
+    legacy converter squeezes it) added back."""
+    if side != LDPV2_GRID:
+        raise UserError(f"{path}: clip.vision.image_size / patch_size gives a {side}x{side} patch grid; llama.cpp's "
+                        f"ldpv2 graph runs {LDPV2_GRID}x{LDPV2_GRID} only (libmtmd would abort); re-export a tower "
+                        "with that grid")
+    kernel = "mm.model.peg.0.weight"
+    squeezed = shapes.get(kernel) == (3, 3, P)
+    _check_f16(reader, path, kernel)
+    return [
+        ("mm.model.mlp.0.weight", (H, P), True, f"embedding_length {H} into projection_dim {P}"),
+        ("mm.model.mlp.0.bias", (P,), True, f"projection_dim {P}"),
+        ("mm.model.mlp.2.weight", (P, P), True, f"projection_dim {P}"),
+        ("mm.model.mlp.2.bias", (P,), True, f"projection_dim {P}"),
+        (kernel, (3, 3, P) if squeezed else (3, 3, 1, P), True, f"a 3x3 kernel per channel of projection_dim {P}"),
+        ("mm.model.peg.0.bias", (P,), True, f"projection_dim {P}"),
+    ]
+
+
+def _check_f16(reader, path: Path, name: str) -> None:
+    """A depthwise-convolution kernel must be F16: ggml_conv_2d_dw multiplies it with F16 columns (im2col)."""
+    kind = next((t.tensor_type.name for t in reader.tensors if t.name == name), None)
+    if kind is not None and kind != "F16":
+        raise UserError(f"{path}: tensor {name!r} is {kind}; ggml's depthwise convolution needs its kernel in F16; "
+                        "re-export it")
+
+
 def _connector_specs(reader, path: Path, projector: str, shapes: dict, H: int, P: int, side: int) -> list:
     """The projector's tensors as `_check_tensors` specs: "mlp" is mm.0 (+ GELU) + mm.2; "idefics3" one
-    bias-free mm.model.fc over scale_factor^2 neighbouring patches (pixel shuffle)."""
+    bias-free mm.model.fc over scale_factor^2 neighbouring patches (pixel shuffle); "ldpv2" see _ldpv2_specs."""
+    if projector == "ldpv2":
+        return _ldpv2_specs(reader, path, shapes, H, P, side)
     if projector == "idefics3":
         scale = _int(reader, path, "clip.vision.projector.scale_factor")
         if side % scale:

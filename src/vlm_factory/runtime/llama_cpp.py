@@ -201,7 +201,8 @@ class LlamaCppRuntime:
 
     def image_views(self, image: Image.Image) -> list[np.ndarray]:
         """The mmproj's output for each view libmtmd makes of one image, in prompt order (one view for an
-        "mlp" projector; tiles row-major then the global view for "idefics3"): [(tokens, LLM hidden size)]."""
+        "mlp" or "ldpv2" projector; tiles row-major then the global view for "idefics3"): [(tokens, LLM hidden
+        size)]."""
         mtmd = self._mtmd
         chunks = self._tokenize(self._marker, image)
         views = []
