@@ -65,7 +65,34 @@ def llava_with_qwen2(model):
 SMOLVLM_MARKERS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
 
 
-def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: int, resample: int = 1):
+@torch.no_grad()
+def fit_connector(source, target, pixel_values: torch.Tensor) -> float:
+    """Start `target`'s new Idefics3 connector as the least-squares linear stand-in for `source`'s projector.
+
+    On the images `pixel_values` (source-sized) each connector token should give the mean of the source's
+    embeddings of the patches it folds (pixel shuffle), so the LLM reads a whole image, as the global view
+    shows it, about as it read the source's image tokens. Why not a random start: the LLM was trained on
+    image embeddings ~150x its token embeddings' norm with a large shared offset, which a random linear
+    connector reaches only slowly (measured: alignment plateaus near loss 0.5, 48 % VQA, where the source's
+    loss is 0.07). The source projector (GELU MLP) is nearly linear in the tower's post-layernormed
+    features: R^2 0.98 on held-out synthetic images. Returns the fit's R^2 on `pixel_values`.
+    """
+    from vlm_factory.families import family_for
+
+    connector = target.model.connector
+    scale = connector.scale_factor
+    wanted = family_for(source.config).image_features(source, pixel_values)
+    inputs = connector.pixel_shuffle(family_for(target.config).tower_features(target, pixel_values), scale)
+    targets = connector.pixel_shuffle(wanted, scale).unflatten(-1, (scale * scale, -1)).mean(-2)
+    x, y = inputs.flatten(0, 1).double(), targets.flatten(0, 1).double()
+    weight = torch.linalg.lstsq(x, y).solution
+    connector.modality_projection.proj.weight.copy_(weight.T.to(connector.modality_projection.proj.weight.dtype))
+    residual = (y - x @ weight).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    return float(1 - residual)
+
+
+def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: int, resample: int = 1,
+                       probe_images=None):
     """The bundled LLaVA as an Idefics3 / SmolVLM model: its trained tower reads each tile, its trained
     LLM reads the tiles' tokens, and a new pixel-shuffle connector (to be aligned by `finetune`) sits
     between them. Returns (model, processor).
@@ -73,7 +100,8 @@ def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: i
     The tower's tile is its own input size, the longest edge `tiles_per_side` tiles; mean, std and the
     chat template stay the source's (what the tower and LLM were trained with). The processor's marker
     tokens (`<fake_token_around_image>`, `<global-img>`, `<row_r_col_c>`) are new to the LLM: their
-    embedding rows start as copies of the newline's, a separator it knows from its image prompts.
+    embedding rows start as copies of the newline's, a separator it knows from its image prompts. With
+    `probe_images` (PIL images like the training data), the connector starts from `fit_connector`.
     """
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
                               Idefics3Processor, Idefics3VisionConfig)
@@ -111,6 +139,9 @@ def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: i
             smol.model.text_model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(token)] = embed[newline]
         # Output rows of the new tokens: the padding token's, which the LLM learnt never to predict.
         smol.lm_head.weight[rows:] = head[tokenizer.pad_token_id]
+        if probe_images is not None:
+            probe = source_image(list(probe_images), return_tensors="pt").pixel_values
+            log.info("connector fitted to the source projector: R^2 %.3f", fit_connector(model, smol, probe))
     smol.generation_config = model.generation_config
     image_processor = Idefics3ImageProcessorPil(
         do_resize=True, size={"longest_edge": tile * tiles_per_side}, max_image_size={"longest_edge": tile},

@@ -33,13 +33,14 @@ from vlm_factory.train.schedule import warmup_cosine
 log = logging.getLogger(__name__)
 
 
-def reinitialise_projector(model, seed: int, features: torch.Tensor | None = None) -> None:
+def reinitialise_projector(model, seed: int, features: torch.Tensor | None = None) -> float:
     """Throw away the base's projector: fresh nn.Linear initialisation, deterministic for a seed.
 
     With `features` (tower outputs), the new output layer is rescaled so that its embeddings have
     the mean norm the old projector's had: the frozen LLM was trained on image embeddings of that
     scale, and a random projector starts an order of magnitude off, which the answer loss alone
-    corrects only slowly. Only that one scalar survives from the old projector.
+    corrects only slowly. Only that one scalar survives from the old projector; it is returned (1.0
+    without `features`).
     """
     family = family_for(model.config)
     projector = family.connector(model)
@@ -54,12 +55,33 @@ def reinitialise_projector(model, seed: int, features: torch.Tensor | None = Non
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # MobileVLM's LDPv2 has a depthwise conv
             module.reset_parameters()
     torch.random.set_rng_state(generator_state)
-    if target_norm is not None:
-        with torch.no_grad():
-            scale = target_norm / family.project(model, features).norm(dim=-1).mean()
-            output_layer.weight.mul_(scale)
-            if output_layer.bias is not None:
-                output_layer.bias.mul_(scale)
+    if target_norm is None:
+        return 1.0
+    with torch.no_grad():
+        scale = float(target_norm / family.project(model, features).norm(dim=-1).mean())
+        output_layer.weight.mul_(scale)
+        if output_layer.bias is not None:
+            output_layer.bias.mul_(scale)
+    return scale
+
+
+def parameter_groups(model, trainable_params: list, lr: float, output_scale: float) -> list[dict]:
+    """AdamW groups: everything at `lr`, except a connector that is one layer (Idefics3's Linear).
+
+    Adam moves every weight by about `lr` a step whatever its size, so a layer rescaled by `output_scale`
+    learns `output_scale` times slower relative to its weights. A connector with a hidden layer does
+    not notice: the hidden layer's updates reach the embeddings amplified by the rescaled output layer.
+    A one-layer connector has no such path, so its layer gets `lr * output_scale`, the relative step it
+    had at its default initialisation (measured on the SmolVLM transplant: without it, alignment against
+    the frozen LLM plateaus near loss 1.8 where the LLaVA MLP reaches 0.1).
+    """
+    family = family_for(model.config)
+    layers = [m for m in family.connector(model).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    if len(layers) != 1 or output_scale == 1.0:
+        return [{"params": trainable_params, "lr": lr}]
+    scaled = {id(p) for p in layers[0].parameters()}
+    return [{"params": [p for p in trainable_params if id(p) not in scaled], "lr": lr},
+            {"params": [p for p in trainable_params if id(p) in scaled], "lr": lr * output_scale}]
 
 
 def set_trainable(model, llm_mode: str, lora_rank: int, lora_alpha: int):
@@ -164,8 +186,9 @@ def finetune_projector(model, processor, records: list[VQARecord], data_dir: Pat
     model.eval()
     image_paths = sorted({r.image for r in records})
     features = cache_tower_features(family, model, processor, data_dir, image_paths)
+    output_scale = 1.0
     if cfg.projector == "reinit":
-        reinitialise_projector(model, cfg.seed, features.features[:256])
+        output_scale = reinitialise_projector(model, cfg.seed, features.features[:256])
     image_index = {p: i for i, p in enumerate(image_paths)}
     examples = _examples(records, processor.tokenizer, family.prompt(processor), image_index, features.grids)
     pad_id = processor.tokenizer.pad_token_id
@@ -179,7 +202,8 @@ def finetune_projector(model, processor, records: list[VQARecord], data_dir: Pat
                         collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
     trainable = set_trainable(model, cfg.llm, cfg.lora_rank, cfg.lora_alpha)
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, params, cfg.lr, output_scale), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     trainable, optimizer, loader, scheduler = accelerator.prepare(trainable, optimizer, loader, scheduler)
     core = accelerator.unwrap_model(trainable)
