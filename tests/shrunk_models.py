@@ -317,3 +317,17 @@ def gradient_image(width: int, height: int, seed: int):
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7.0)], axis=-1)
     return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
+
+
+@torch.no_grad()
+def cls_last_graph(family, tower, pixels: torch.Tensor) -> torch.Tensor:
+    """A CLIP tower + connector as the pinned llama.cpp's llava graph runs it, in torch: the CLS token
+    appended after the patches, position embeddings added in that order, hidden state `feature_layer`,
+    the first row dropped (ggml-org/llama.cpp#25814), then the family's connector. [images, tokens, text]."""
+    embeddings = tower.embeddings
+    patches = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    cls = embeddings.class_embedding.expand(len(pixels), 1, -1)
+    hidden = tower.pre_layrnorm(torch.cat([patches, cls], dim=1) + embeddings.position_embedding.weight[None])
+    for layer in tower.encoder.layers[:family.vision.feature_layer]:
+        hidden = layer(hidden, None)
+    return hidden[:, 1:]

@@ -192,6 +192,7 @@ def test_every_bound_refuses_just_outside_it(pattern):
 GOOD = [
     [],
     ["model=tiny_qwen2"],
+    ["model=tiny_smolvlm"],
     ["data=vqav2"],
     ["publish=s3"],
     ["publish=s3", "publish.uri=s3://my-bucket/vlm", "publish.endpoint_url=http://localhost:9000"],

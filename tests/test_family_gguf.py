@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from shrunk_models import llava15_clip_llama, llava_interleave_qwen2
+from shrunk_models import cls_last_graph, llava15_clip_llama, llava_interleave_qwen2
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -218,13 +218,7 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)
     with torch.no_grad():  # the pinned llama.cpp's llava graph, in torch
-        embeddings = tower.embeddings
-        patches = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        hidden = torch.cat([patches, embeddings.class_embedding.expand(1, 1, -1)], dim=1)
-        hidden = tower.pre_layrnorm(hidden + embeddings.position_embedding.weight[None])
-        for layer in tower.encoder.layers[:family.vision.feature_layer]:
-            hidden = layer(hidden, None)
-        llama_cpp_graph = family.project(model, hidden[:, 1:])[0].numpy()
+        llama_cpp_graph = family.project(model, cls_last_graph(family, tower, pixels))[0].numpy()
     with LlamaCppRuntime(llm, mmproj, prompt=family.prompt(processor)) as runtime:
         actual = runtime.image_embeddings(image)
         result = evaluate_artifact(runtime, fmt="gguf", tier="t", records=records, data_dir=synthetic_data,

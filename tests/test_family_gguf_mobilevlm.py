@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from shrunk_models import IMAGE_SIZES, gradient_image, mobilevlm_v2_1_7b
+from shrunk_models import IMAGE_SIZES, cls_last_graph, gradient_image, mobilevlm_v2_1_7b
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -89,18 +89,10 @@ def images(loaded):
             for i, (aspect, size) in enumerate(IMAGE_SIZES.items())}
 
 
-@torch.no_grad()
 def _cls_last_graph(family, model, pixels: torch.Tensor) -> torch.Tensor:
-    """The pinned llama.cpp's llava graph in torch: the CLS token appended after the patches, position
-    embeddings added in that order, hidden state `feature_layer`, the first row dropped, then LDPv2."""
-    tower = model.model.vision_tower.vision_tower.vision_model
-    embeddings = tower.embeddings
-    patches = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
-    hidden = torch.cat([patches, embeddings.class_embedding.expand(1, 1, -1)], dim=1)
-    hidden = tower.pre_layrnorm(hidden + embeddings.position_embedding.weight[None])
-    for layer in tower.encoder.layers[:family.vision.feature_layer]:
-        hidden = layer(hidden, None)
-    return family.project(model, hidden[:, 1:])
+    """The pinned llama.cpp's llava graph (CLS last) through LDPv2."""
+    with torch.no_grad():
+        return family.project(model, cls_last_graph(family, model.model.vision_tower.vision_tower.vision_model, pixels))
 
 
 def test_mmproj_and_llm_files_hold_what_llama_cpp_reads(loaded, packages, checkpoint):

@@ -148,3 +148,22 @@ def test_dvc_exp_run_builds_every_format_for_the_qwen2_base(workspace):
     table = _run([sys.executable, "-m", "vlm_factory.cli", "family-table", "--out", "family.json"], workspace)
     assert "tiny-llava-qwen2 (siglip + mlp + qwen2)" in table
     assert json.loads((workspace / "family.json").read_text())["all_passed"] is True
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_builds_every_format_for_the_smolvlm_base(workspace):
+    """`-S model=tiny_smolvlm`: the Idefics3 base (2x2 tiles + a global view per image) through every stage;
+    the budget counts every view's tokens, each runtime splits the images itself."""
+    _run(["dvc", "exp", "run", "-n", "smoke-smolvlm", *[f"-S{o}" for o in TINY], "-S", "model=tiny_smolvlm",
+          "-S", "tier=[iphone15pro,android_flagship]"], workspace)
+    published = json.loads((workspace / "metrics" / "publish.json").read_text())
+    assert published["releases"]["android_flagship"]["formats"] == ["gguf", "onnx", "tflite"]
+    assert published["releases"]["iphone15pro"]["formats"] == ["coreml", "gguf"]
+    budget = json.loads((workspace / "metrics" / "budget" / "android_flagship.json").read_text())
+    # 2x2 tiles + the global view, 16 tokens each (64 px tiles, patch 16, pixel shuffle x1)
+    assert (budget["views_per_image"], budget["visual_tokens_per_image"]) == (5, 80)
+    for target in ("android_flagship-gguf", "android_flagship-onnx", "android_flagship-tflite", "iphone15pro-coreml"):
+        verdict = json.loads((workspace / "metrics" / "parity" / f"{target}.json").read_text())
+        assert verdict["passed"] and verdict["n_questions"] == 72, target
+    table = _run([sys.executable, "-m", "vlm_factory.cli", "family-table", "--out", "family.json"], workspace)
+    assert "tiny-smolvlm (siglip + pixel shuffle x1 + llama)" in table
