@@ -204,7 +204,7 @@ def test_transplant_of_the_bundled_base_keeps_its_trained_tower_and_llm():
     with torch.no_grad():
         torch.testing.assert_close(family.tower_features(smol, pixels), tower, rtol=0, atol=1e-5)
         torch.testing.assert_close(smol(input_ids=ids).logits[..., :logits.shape[-1]], logits, rtol=0, atol=1e-5)
-    for marker in ("<fake_token_around_image>", "<global-img>", "<row_2_col_2>"):
+    for marker in ("<fake_token_around_image>", "<global-img>", "<row_2_col_2>", "\n\n"):
         assert len(smol_processor.tokenizer(marker, add_special_tokens=False).input_ids) == 1, marker
 
 

@@ -63,6 +63,7 @@ def llava_with_qwen2(model):
 
 # The tokens an Idefics3 processor writes around each view's image tokens (runtime/tiling.py).
 SMOLVLM_MARKERS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+PARAGRAPH = "\n\n"
 
 
 @torch.no_grad()
@@ -103,6 +104,7 @@ def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: i
     embedding rows start as copies of the newline's, a separator it knows from its image prompts. With
     `probe_images` (PIL images like the training data), the connector starts from `fit_connector`.
     """
+    from tokenizers import AddedToken
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
                               Idefics3Processor, Idefics3VisionConfig)
 
@@ -113,6 +115,8 @@ def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: i
     tokenizer = processor.tokenizer
     grid = [f"<row_{r}_col_{c}>" for r in range(1, tiles_per_side + 1) for c in range(1, tiles_per_side + 1)]
     tokenizer.add_special_tokens({"additional_special_tokens": [*SMOLVLM_MARKERS, *grid]})
+    # SmolLM2's BPE has "\n\n" (before the global view) as one token, and libmtmd looks it up as one.
+    tokenizer.add_tokens([AddedToken(PARAGRAPH, normalized=False, special=False)])
     vision = Idefics3VisionConfig(
         hidden_size=source_vision.hidden_size, intermediate_size=source_vision.intermediate_size,
         num_hidden_layers=source_vision.num_hidden_layers, num_attention_heads=source_vision.num_attention_heads,
@@ -135,7 +139,7 @@ def smolvlm_from_llava(model, processor, *, scale_factor: int, tiles_per_side: i
         smol.model.text_model.embed_tokens.weight[:rows] = embed
         smol.lm_head.weight[:rows] = head
         newline = tokenizer("\n", add_special_tokens=False).input_ids[-1]
-        for token in (*SMOLVLM_MARKERS, *grid):
+        for token in (*SMOLVLM_MARKERS, *grid, PARAGRAPH):
             smol.model.text_model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(token)] = embed[newline]
         # Output rows of the new tokens: the padding token's, which the LLM learnt never to predict.
         smol.lm_head.weight[rows:] = head[tokenizer.pad_token_id]
