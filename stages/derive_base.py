@@ -24,7 +24,7 @@ the source computes. It exists so every exporter's Qwen2 path is gated on a mode
 - made by `stages/derive_base.py` (`dvc unfreeze derive_qwen2_base && dvc repro derive_qwen2_base`)
 """
 
-PROBE_IMAGES = 256  # synthetic "pretrain" images the new connector's least-squares start is fitted on
+PROBE_IMAGES = 1024  # synthetic "pretrain" images the new connector's least-squares start is fitted on
 
 SMOLVLM_CARD = """# {name} (vlm-factory bundled base)
 

@@ -183,6 +183,16 @@ def test_an_llm_other_than_llama_is_refused_per_format(smolvlm, tmp_path):
             family.require_format(fmt)
 
 
+def test_gguf_is_refused_without_pixel_shuffle(smolvlm, tmp_path):
+    """llama.cpp's idefics3 graph asserts scale_factor > 1 (an abort, not an error): refused up front."""
+    family = family_of(_edited(smolvlm, tmp_path, lambda config: config.update(scale_factor=1)))
+    with pytest.raises(UserError, match=r"cannot be exported to gguf: llama.cpp's idefics3 graph needs a pixel "
+                                        r"shuffle scale_factor above 1 \(this model: 1\)"):
+        family.require_format("gguf")
+    for fmt in ("onnx", "coreml", "tflite"):
+        family.require_format(fmt)
+
+
 def test_transplant_of_the_bundled_base_keeps_its_trained_tower_and_llm():
     """stages/derive_base.py --to smolvlm: the trained tower and LLM carried over (the same tower output,
     the same logits on text; float32 noise of another attention kernel only: measured < 1e-6, a wrong or

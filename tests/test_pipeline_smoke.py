@@ -160,10 +160,10 @@ def test_dvc_exp_run_builds_every_format_for_the_smolvlm_base(workspace):
     assert published["releases"]["android_flagship"]["formats"] == ["gguf", "onnx", "tflite"]
     assert published["releases"]["iphone15pro"]["formats"] == ["coreml", "gguf"]
     budget = json.loads((workspace / "metrics" / "budget" / "android_flagship.json").read_text())
-    # 2x2 tiles + the global view, 16 tokens each (64 px tiles, patch 16, pixel shuffle x1)
-    assert (budget["views_per_image"], budget["visual_tokens_per_image"]) == (5, 80)
+    # 2x2 tiles + the global view, 4 tokens each (64 px tiles, patch 16: 4x4 patches, pixel shuffle x2)
+    assert (budget["views_per_image"], budget["visual_tokens_per_image"]) == (5, 20)
     for target in ("android_flagship-gguf", "android_flagship-onnx", "android_flagship-tflite", "iphone15pro-coreml"):
         verdict = json.loads((workspace / "metrics" / "parity" / f"{target}.json").read_text())
         assert verdict["passed"] and verdict["n_questions"] == 72, target
     table = _run([sys.executable, "-m", "vlm_factory.cli", "family-table", "--out", "family.json"], workspace)
-    assert "tiny-smolvlm (siglip + pixel shuffle x1 + llama)" in table
+    assert "tiny-smolvlm (siglip + pixel shuffle x2 + llama)" in table

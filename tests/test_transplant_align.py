@@ -50,11 +50,13 @@ def test_fitted_connector_folds_the_patches_it_shuffles(bundled):
 
     llava, processor = bundled
     smol, _ = smolvlm_from_llava(llava, processor, scale_factor=2, tiles_per_side=2)
-    pixels = _pixels(processor, "pretrain", 96)
-    assert fit_connector(llava, smol, pixels) > 0.9  # measured 0.96: 4 patches through one 1024 -> 256 map
+    with pytest.raises(ValueError, match="probe more images"):  # 4 tokens an image, 1024 inputs
+        fit_connector(llava, smol, _pixels(processor, "pretrain", 96))
+    assert fit_connector(llava, smol, _pixels(processor, "pretrain", 512)) > 0.95
+    held_out = _pixels(processor, "calibration", 8)
     with torch.no_grad():
-        want = family_for(llava.config).image_features(llava, pixels[:4])  # [4, 16, 256], patches row-major
-        got = family_for(smol.config).image_features(smol, pixels[:4])  # [4, 4, 256], 2x2 blocks row-major
+        want = family_for(llava.config).image_features(llava, held_out)  # [8, 16, 256], patches row-major
+        got = family_for(smol.config).image_features(smol, held_out)  # [8, 4, 256], 2x2 blocks row-major
     block = want.unflatten(1, (2, 2, 2, 2)).permute(0, 1, 3, 2, 4, 5).flatten(1, 2).flatten(2, 3).mean(2)
     cosine = torch.nn.functional.cosine_similarity(got, block, dim=-1)
     assert cosine.mean() > 0.95, cosine.mean()

@@ -83,6 +83,9 @@ class Idefics3Family(ModelFamily):
             return reason
         if self.config.text_config.model_type not in LLMS:
             return f"LLM {self.config.text_config.model_type!r} (supported: {', '.join(LLMS)})"
+        if fmt == "gguf" and self.scale_factor < 2:
+            # clip.cpp's build_patch_merge_permute: GGML_ASSERT(scale_factor > 1), which aborts the process
+            return f"llama.cpp's idefics3 graph needs a pixel shuffle scale_factor above 1 (this model: {self.scale_factor})"
         return None
 
     # -- facts ----------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ def fit_connector(source, target, pixel_values: torch.Tensor) -> float:
     inputs = connector.pixel_shuffle(family_for(target.config).tower_features(target, pixel_values), scale)
     targets = connector.pixel_shuffle(wanted, scale).unflatten(-1, (scale * scale, -1)).mean(-2)
     x, y = inputs.flatten(0, 1).double(), targets.flatten(0, 1).double()
+    if len(x) < 2 * x.shape[1]:  # fewer equations than that would fit the probe, not the projector
+        raise ValueError(f"{len(x)} image tokens cannot fit a {x.shape[1]}-input connector: probe more images")
     weight = torch.linalg.lstsq(x, y).solution
     connector.modality_projection.proj.weight.copy_(weight.T.to(connector.modality_projection.proj.weight.dtype))
     residual = (y - x @ weight).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
