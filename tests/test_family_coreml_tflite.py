@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 import torch
 
+from measures import rel_diff
 from shrunk_models import IMAGE_SIZES, VARIANTS, gradient_image
 from vlm_factory.errors import UserError
+from vlm_factory.eval.artifact_parity import cosine
 
 pytestmark = [pytest.mark.family_format("llava", "coreml"), pytest.mark.family_format("llava", "tflite"),
               pytest.mark.slow]
@@ -111,16 +113,6 @@ def _prompt_ids(v) -> torch.Tensor:
                          .input_ids])
 
 
-def _rel_diff(actual, expected) -> float:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
-def _cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 @torch.no_grad()
 def test_static_cache_decoders_match_transformers(checkpoint):
     """Both cache styles over the family's DecoderParts: a 5-position prefill, then two single steps."""
@@ -175,7 +167,7 @@ def test_tflite_fp32_against_transformers(checkpoint, tflite, images):
         pixels = _pixels(v, image)
         assert float(np.abs(runtime.pixel_values(image) - pixels.numpy()).max()) <= PIXELS_ATOL, aspect
         features = v.family.image_features(v.model, pixels)[0].numpy()
-        feature_diff = _rel_diff(runtime.image_embeddings(image), features)
+        feature_diff = rel_diff(runtime.image_embeddings(image), features)
         logits = v.model(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
         logit_diff = float(np.abs(runtime.first_token_logits(image, QUESTION) - logits).max())
         out = v.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
@@ -235,12 +227,12 @@ def test_coreml_answers_like_transformers(checkpoint, coreml, images):
     for aspect, image in images.items():
         pixels = _pixels(v, image)
         assert float(np.abs(runtime.pixel_values(image).numpy() - pixels.numpy()).max()) <= PIXELS_ATOL, aspect
-        cosine = _cosine(runtime.image_embeddings(image), v.family.image_features(v.model, pixels)[0])
+        feature_cosine = cosine(runtime.image_embeddings(image), v.family.image_features(v.model, pixels)[0])
         logits = runtime.first_token_logits(image, QUESTION)
         diffs = {other: float(np.abs(logits - want).max()) for other, want in reference.items()}
-        print(f"{v.name} {aspect}: coreml feature cosine {cosine:.6f}, logits {diffs[aspect]:.1e} "
+        print(f"{v.name} {aspect}: coreml feature cosine {feature_cosine:.6f}, logits {diffs[aspect]:.1e} "
               f"(vs other images' {min(d for o, d in diffs.items() if o != aspect):.1e})")
-        assert cosine >= COREML_FEATURE_COSINE and diffs[aspect] <= COREML_LOGITS_ATOL, aspect
+        assert feature_cosine >= COREML_FEATURE_COSINE and diffs[aspect] <= COREML_LOGITS_ATOL, aspect
         assert all(diffs[aspect] < 0.5 * d for other, d in diffs.items() if other != aspect), aspect
     questions = [QUESTION] * len(images)
     assert runtime.answer(list(images.values()), questions) == \

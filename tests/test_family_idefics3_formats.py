@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 import torch
 
+from measures import rel_diff
 from shrunk_models import IMAGE_SIZES, gradient_image, smolvlm_256m
 from vlm_factory.errors import UserError
+from vlm_factory.eval.artifact_parity import cosine
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
@@ -156,16 +158,6 @@ def coreml(smolvlm):
                               config=json.loads((out / "coreml_config.json").read_text()))
 
 
-def _rel_diff(actual, expected) -> float:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
-def _cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _largest_prompt(v) -> int:
     """Tokens of the processor's prompt for the largest image (4x4 tiles + the global view), empty question."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
@@ -202,7 +194,7 @@ def _check_adapter(runtime, reference, images, hidden: int, *, features_ok, logi
 
 def _fp32_features(name):
     def ok(aspect, actual, expected):
-        diff = _rel_diff(actual, expected)
+        diff = rel_diff(actual, expected)
         print(f"{name} {aspect}: features rel max diff {diff:.1e}")
         return diff <= FEATURES_RTOL
     return ok
@@ -354,9 +346,9 @@ def test_coreml_matches_transformers(smolvlm, coreml, reference, images):
     logits within what 8-bit weights explain, and greedy answers."""
 
     def features_ok(aspect, actual, expected):
-        cosine = _cosine(actual, expected)
-        print(f"coreml {aspect}: features cosine {cosine:.6f}")
-        return cosine >= COREML_FEATURE_COSINE
+        feature_cosine = cosine(actual, expected)
+        print(f"coreml {aspect}: features cosine {feature_cosine:.6f}")
+        return feature_cosine >= COREML_FEATURE_COSINE
 
     def logits_ok(aspect, actual, expected):
         diffs = {other: float(np.abs(actual - ref.logits).max()) for other, ref in reference.items()}

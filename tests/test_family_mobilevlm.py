@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from measures import rel_diff
 from shrunk_models import IMAGE_SIZES, gradient_image, mobilevlm_v2_1_7b
 from vlm_factory.errors import UserError
 from vlm_factory.families import FORMATS, family_for, family_of
@@ -83,11 +84,6 @@ def _prompt_ids(v, question: str = QUESTION) -> torch.Tensor:
     spec = v.family.prompt(v.processor)
     return torch.tensor([v.processor.tokenizer(spec.expanded(question),
                                                add_special_tokens=spec.add_special_tokens).input_ids])
-
-
-def _rel_diff(actual, expected) -> float:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 # -- the published layout ------------------------------------------------------------------------------
@@ -451,7 +447,7 @@ def _runtime_matches_transformers(v, runtime, images) -> None:
     for aspect, image in images.items():
         pixels = _pixels(v, image)
         pixel_diff = float(np.abs(np.asarray(runtime.pixel_values(image)) - pixels.numpy()).max())
-        feature_diff = _rel_diff(runtime.image_embeddings(image), v.family.image_features(v.model, pixels)[0])
+        feature_diff = rel_diff(runtime.image_embeddings(image), v.family.image_features(v.model, pixels)[0])
         logits = v.model(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
         logit_diff = float(np.abs(runtime.first_token_logits(image, QUESTION) - logits).max())
         print(f"{aspect}: pixels {pixel_diff:.1e}, features rel {feature_diff:.1e}, logits {logit_diff:.1e}")

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from measures import rel_diff
 from shrunk_models import IMAGE_SIZES, VARIANTS, gradient_image
 
 pytestmark = pytest.mark.family_format("llava", "onnx")
@@ -66,10 +67,6 @@ def variant(request, tmp_path_factory):
 
 def _pixels(v, image) -> torch.Tensor:
     return v.processor.image_processor([image], return_tensors="pt").pixel_values
-
-
-def _rel_diff(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 def test_hub_checkpoint_exports_in_fp32_with_the_family_config(variant):
@@ -124,9 +121,9 @@ def test_image_embeddings_match_transformers(variant, images):
     for aspect, image in images.items():
         expected = v.family.image_features(v.model, _pixels(v, image))[0].numpy()
         actual = v.runtime.image_embeddings(image)
-        print(f"{v.name} {aspect}: features relative max diff {_rel_diff(actual, expected):.1e}")
+        print(f"{v.name} {aspect}: features relative max diff {rel_diff(actual, expected):.1e}")
         assert actual.shape == expected.shape == (16, v.family.text.hidden_size)
-        assert _rel_diff(actual, expected) <= FEATURES_RTOL, aspect
+        assert rel_diff(actual, expected) <= FEATURES_RTOL, aspect
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 
 from conftest import BUNDLED_BASE
 from vlm_factory.errors import UserError
+from vlm_factory.eval.artifact_parity import cosine
 
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
 pytest.importorskip("litert_torch", reason="litert-torch is not installed")
@@ -88,11 +89,6 @@ def _max_diff(actual, expected) -> float:
     return float(np.abs(np.asarray(actual) - np.asarray(expected)).max())
 
 
-def _cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _log_softmax(logits) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max()
@@ -144,7 +140,7 @@ def test_vision_features_match_torch(rt32, rt16, reference, aspect_samples):
     for aspect, (image, _) in aspect_samples.items():
         expected = _torch_features(reference, image)
         diff32 = _max_diff(rt32.image_embeddings(image), expected)
-        cos16 = _cosine(rt16.image_embeddings(image), expected)
+        cos16 = cosine(rt16.image_embeddings(image), expected)
         print(f"{aspect}: fp32 max abs diff {diff32:.1e}, fp16 cosine {cos16:.6f}")
         assert diff32 <= VISION_ATOL_FP32, aspect
         assert cos16 >= VISION_COSINE_FP16, aspect
