@@ -23,13 +23,16 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     fetch_model(params.model, args.model_out)
     family = family_of(args.model_out)
-    # Fail here, minutes before the first export would, if a tier asks for a format this model cannot go to.
-    # (Only a check: the export stages enforce it again, so `targets` is not a dependency of this stage.)
+    # Say now, not after the fine-tune, which targets this model cannot go to: their stages record the refusal
+    # and publishing leaves them out (the export stages ask the family again: `targets` is no dependency here).
     for fmt, by_tier in params.targets.items():
-        if by_tier:
-            family.require_format(fmt)
-    logging.getLogger("download").info("model family %s (%s), %d visual tokens per image", family.name,
-                                       family.variant, family.image_tokens)
+        reason = family.format_refusal(fmt)
+        if by_tier and reason is not None:
+            logging.getLogger("download").warning("%s targets refused (%s): model family %s cannot go to %s: %s",
+                                                  fmt, ", ".join(by_tier), family.name, fmt, reason)
+    logging.getLogger("download").info("model family %s (%s): %d image tokens per view, up to %d per image",
+                                       family.name, family.variant, family.image_tokens,
+                                       family.visual_tokens(family.load_processor(args.model_out)))
     fetch_data(params.data, args.data_out)
 
 

@@ -167,3 +167,28 @@ def test_dvc_exp_run_builds_every_format_for_the_smolvlm_base(workspace):
         assert verdict["passed"] and verdict["n_questions"] == 72, target
     table = _run([sys.executable, "-m", "vlm_factory.cli", "family-table", "--out", "family.json"], workspace)
     assert "tiny-smolvlm (siglip + pixel shuffle x2 + llama)" in table
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_builds_what_the_mobilevlm_base_supports_and_lists_the_refused(workspace):
+    """`-S model=tiny_mobilevlm`: the MobileVLM V2 base (8x8 patches pooled to 16 tokens) through every stage.
+    Every tier lists GGUF, which llama.cpp's ldpv2 graph (24x24 patches only) cannot run: those targets are
+    refused with the family's reason, and each tier publishes the formats it can."""
+    _run(["dvc", "exp", "run", "-n", "smoke-mobilevlm", *[f"-S{o}" for o in TINY], "-S", "model=tiny_mobilevlm",
+          "-S", "tier=[iphone15pro,android_flagship]"], workspace)
+    published = json.loads((workspace / "metrics" / "publish.json").read_text())
+    assert published["releases"]["android_flagship"]["formats"] == ["onnx", "tflite"]
+    assert published["releases"]["iphone15pro"]["formats"] == ["coreml"]
+    reason = "llama.cpp's ldpv2 graph reshapes a 24x24 patch grid, this tower makes 8x8"
+    assert published["refused"] == {"android_flagship-gguf": reason, "iphone15pro-gguf": reason}
+    export = workspace / "artifacts" / "export" / "android_flagship" / "gguf"
+    assert [p.name for p in export.iterdir()] == ["refused.json"]
+    budget = json.loads((workspace / "metrics" / "budget" / "android_flagship.json").read_text())
+    assert (budget["views_per_image"], budget["visual_tokens_per_image"]) == (1, 16)
+    for target in ("android_flagship-onnx", "android_flagship-tflite", "iphone15pro-coreml"):
+        verdict = json.loads((workspace / "metrics" / "parity" / f"{target}.json").read_text())
+        assert verdict["passed"] and verdict["n_questions"] == 72, target
+    table = _run([sys.executable, "-m", "vlm_factory.cli", "family-table", "--out", "family.json"], workspace)
+    assert "tiny-mobilevlm (clip + ldpv2 + llama)" in table and f"| android_flagship-gguf | refused: {reason} |" in table
+    family = json.loads((workspace / "family.json").read_text())
+    assert family["all_passed"] is True and set(family["refused"]) == {"android_flagship-gguf", "iphone15pro-gguf"}

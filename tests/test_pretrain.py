@@ -1,4 +1,4 @@
-"""Pretraining scaffolding: dense labels land on the right patches of the letterboxed image."""
+"""Pretraining scaffolding: dense labels land on the right patches of each view (letterboxed image, tiles)."""
 
 import numpy as np
 
@@ -8,9 +8,9 @@ from vlm_factory.train.pretrain import (
     COLOUR_CLASSES,
     SHAPE_CLASSES,
     answer_targets,
-    patch_cells,
+    grid_cells,
     patch_labels,
-    relevance,
+    token_relevance,
 )
 from vlm_factory.model.prompt import tiny_prompt_spec
 from vlm_factory.train.batches import IGNORE_INDEX, encode_qa
@@ -21,8 +21,12 @@ def _tall_scene():
                           SceneObject("digit", None, row=2, col=0, digit="7")])
 
 
+# A tall scene (2 x 4 cells, 64 x 128 px) letterboxed to a square: the view spans x from -0.5 to 1.5.
+LETTERBOX_TALL = (-0.5, 0.0, 1.5, 1.0)
+
+
 def test_tall_scene_cells_and_padding():
-    cells = patch_cells(_tall_scene(), cell_px=32, image_size=64, patch_size=16)
+    cells = grid_cells(_tall_scene(), LETTERBOX_TALL, per_side=4)
     grid = np.array([c is None for c in cells]).reshape(4, 4)
     # 2 columns of content letterboxed into 4: the outer patch columns are padding.
     assert grid[:, 0].all() and grid[:, 3].all() and not grid[:, 1:3].any()
@@ -30,7 +34,7 @@ def test_tall_scene_cells_and_padding():
 
 
 def test_patch_labels_name_shape_colour_digit_and_half():
-    labels = patch_labels(_tall_scene(), cell_px=32, image_size=64, patch_size=16)
+    labels = patch_labels(_tall_scene(), grid_cells(_tall_scene(), LETTERBOX_TALL, per_side=4))
     assert labels[0, 1] == SHAPE_CLASSES.index("circle") and labels[1, 1] == COLOUR_CLASSES.index("red")
     assert labels[0, 14] == SHAPE_CLASSES.index("square") and labels[1, 14] == COLOUR_CLASSES.index("blue")
     assert labels[0, 9] == SHAPE_CLASSES.index("digit") and labels[2, 9] == 7
@@ -44,8 +48,8 @@ def test_relevance_and_answer_targets_mark_the_subject(random_llava):
     scene = _tall_scene()
     rng = np.random.default_rng(0)
     qa = ask(scene, "colour", rng)
-    cells = patch_cells(scene, 32, 64, 16)
-    rel = relevance(cells, qa)
+    cells = grid_cells(scene, LETTERBOX_TALL, 4)
+    rel = token_relevance(cells, 4, 1, qa)
     subject = qa.subjects[0]
     assert [i for i, r in enumerate(rel) if r] == [cells.index((subject.row, subject.col))]
     encoded = encode_qa(processor.tokenizer, tiny_prompt_spec(16), qa.question, qa.answer)
@@ -53,7 +57,7 @@ def test_relevance_and_answer_targets_mark_the_subject(random_llava):
     first_answer_token = encoded.labels[len(encoded.labels) - len([t for t in encoded.labels if t != IGNORE_INDEX])]
     assert [t for t in targets if t != IGNORE_INDEX] == [first_answer_token]
     count = ask(scene, "count", rng)
-    assert set(answer_targets(relevance(cells, count), count, encoded)) == {IGNORE_INDEX}
+    assert set(answer_targets(token_relevance(cells, 4, 1, count), count, encoded)) == {IGNORE_INDEX}
 
 
 def test_make_base_trains_saves_and_reports(tmp_path, small_arch):
@@ -74,3 +78,32 @@ def test_make_base_trains_saves_and_reports(tmp_path, small_arch):
     assert recipe_json["recipe"]["steps"] == 6 and recipe_json["architecture"]["text_hidden"] == 64
     model, _ = load_checkpoint(tmp_path / "base")  # checksums verified on load
     assert not any("aux" in name or "relevance" in name for name in model.state_dict())
+
+
+def test_letterbox_rectangle_is_the_one_the_cells_above_assume(random_llava):
+    from vlm_factory.families import family_for
+
+    model, processor = random_llava
+    family = family_for(model.config)
+    assert family.view_rectangles(processor.image_processor, 64, 128) == [LETTERBOX_TALL]
+
+
+def test_tiles_map_to_their_quarter_of_the_scene_and_tokens_pool_their_patches():
+    """Idefics3's views of a square 4 x 4-cell image: 2 x 2 tiles of 2 x 2 cells each, then the global view; a
+    x2 pixel shuffle token is relevant when any of its 2 x 2 patches shows the subject."""
+    from transformers import Idefics3Config
+
+    from vlm_factory.families import family_for
+
+    scene = Scene("square", [SceneObject("circle", "red", row=0, col=3)])
+    config = Idefics3Config(vision_config={"image_size": 64, "patch_size": 16}, text_config={"vocab_size": 128260})
+    family = family_for(config)
+    rects = family.view_rectangles(None, 128, 128, rows=2, cols=2)
+    assert rects == [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0),
+                     (0.0, 0.0, 1.0, 1.0)]
+    top_right = grid_cells(scene, rects[1], per_side=4)
+    assert top_right[:4] == [(0, 2), (0, 2), (0, 3), (0, 3)] and top_right[-1] == (1, 3)
+    qa = ask(scene, "colour", np.random.default_rng(0))
+    assert token_relevance(top_right, 4, 2, qa) == [0.0, 1.0, 0.0, 0.0]
+    assert token_relevance(grid_cells(scene, rects[4], 4), 4, 2, qa) == [0.0, 1.0, 0.0, 0.0]
+    assert token_relevance(grid_cells(scene, rects[0], 4), 4, 2, qa) == [0.0] * 4

@@ -23,6 +23,7 @@ _CHOICES = {
     "model.source": ("local", "hub"),
     "data.source": ("synthetic", "hub", "local"),
     "train.llm": ("frozen", "lora", "full"),
+    "model.architecture.family": ("llava", "mobilevlm"),
     "train.projector": ("reinit", "continue", "frozen"),
 }
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -79,7 +80,7 @@ _TRAIN_KEYS = ("steps", "batch_size", "lora_rank", "lora_alpha", "log_every")
 
 # Every numeric key and its bounds, in one place: `*` is any key of a mapping.
 BOUNDS: dict[str, Bound] = {
-    **{f"model.architecture.{name}": _COUNT for name in ArchitectureConfig.__dataclass_fields__},
+    **{f"model.architecture.{name}": _COUNT for name in ArchitectureConfig.__dataclass_fields__ if name != "family"},
     "model.pretrain.seed": _NON_NEGATIVE_INT,
     "model.pretrain.n_images": _COUNT,
     "model.pretrain.questions_per_image": _COUNT,
@@ -208,6 +209,9 @@ def _validate_model(params: Params, path: Path) -> None:
         if getattr(arch, whole) % getattr(arch, part):
             raise _refuse(path, f"model.architecture.{part}", getattr(arch, part),
                           f"a divisor of model.architecture.{whole} ({getattr(arch, whole)})")
+    if arch.family == "mobilevlm" and (arch.image_size // arch.patch_size) % 2:
+        raise _refuse(path, "model.architecture.patch_size", arch.patch_size,
+                      f"one that makes an even patch grid of image_size {arch.image_size} (LDPv2 pools 2x2 patches)")
 
 
 def _validate_devices(params: Params, path: Path) -> None:
@@ -245,9 +249,12 @@ def _validate_publish(params: Params, path: Path) -> None:
 def validate_params(params: Params, path: Path) -> None:
     """Every check of params.yaml's values beyond their types: `load_params` and `compose` both run it."""
     for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(params, section), name)
-        if value not in allowed:
+        value = params
+        for name in key.split("."):
+            value = getattr(value, name)
+            if value is None:  # an optional section that is not set (model.architecture of a hub model)
+                break
+        if value is not None and value not in allowed:
             raise UserError(f"{path}: key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
     data = params.data
     if data.source == "hub" and not data.hub_dataset:

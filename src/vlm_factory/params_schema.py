@@ -12,6 +12,9 @@ FORMATS = ("gguf", "onnx", "coreml", "tflite")
 
 @dataclass
 class ArchitectureConfig:
+    # llava (SigLIP + MLP + Llama) | mobilevlm (CLIP + LDPv2 + Llama: its tower's feature layer is the
+    # second-to-last, and 2x2 pooling leaves (image_size / patch_size / 2)^2 image tokens)
+    family: str = "llava"
     image_size: int = 64
     patch_size: int = 16
     vision_hidden: int = 256

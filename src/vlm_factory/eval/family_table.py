@@ -23,8 +23,12 @@ def family_table(model_name: str, model_dir: Path, metrics_dir: Path) -> dict:
     family = family_of(model_dir)
     reference = _read(metrics_dir / "reference.json")
     targets = {}
+    refused = {}
     for path in sorted((metrics_dir / "parity").glob("*.json")):
         verdict = _read(path)
+        if "refused" in verdict:  # a format the family cannot go to: no artifact, no verdict
+            refused[path.stem] = verdict["refused"]
+            continue
         targets[path.stem] = {
             "format": verdict["format"], "tier": verdict["tier"], "vqa_accuracy": verdict["vqa_accuracy"],
             "drift": verdict["drift"], "drift_ci95": verdict["drift_ci95"], "flip_rate": verdict["flip_rate"],
@@ -37,7 +41,7 @@ def family_table(model_name: str, model_dir: Path, metrics_dir: Path) -> dict:
             "image_tokens": family.image_tokens, "views_per_image": family.max_views(processor),
             "visual_tokens_per_image": family.visual_tokens(processor), "reference_accuracy": reference["vqa_accuracy"],
             "blind_baseline": reference["blind_baseline"]["vqa_accuracy"],
-            "reference_by_aspect": reference["by_aspect"], "targets": targets,
+            "reference_by_aspect": reference["by_aspect"], "targets": targets, "refused": refused,
             "releases": {tier: {"version": r["version"], "formats": r["formats"]} for tier, r in published.items()},
             "all_passed": bool(targets) and all(t["passed"] for t in targets.values())}
 
@@ -52,4 +56,6 @@ def family_markdown(table: dict) -> str:
         lines.append(f"| {name} | {t['vqa_accuracy']:.2f} % | {t['drift']:+.2f} ({low:+.2f}, {high:+.2f}) | "
                      f"{100 * t['flip_rate']:.1f} % | {t['embedding_cosine']:.4f} | {t['artifact_bytes'] / 2**20:.1f} | "
                      f"{'pass' if t['passed'] else 'FAIL'} (≤ {t['threshold']['max_drop']}) |")
+    for name, reason in table.get("refused", {}).items():
+        lines.append(f"| {name} | refused: {reason} |" + " |" * 5)
     return "\n".join(lines) + "\n"

@@ -7,10 +7,25 @@ from pathlib import Path
 from vlm_factory.config import ExportConfig
 from vlm_factory.errors import UserError
 from vlm_factory.families import family_of
+from vlm_factory.io import atomic_dir, write_json
 
 # Formats the factory builds today (each has an export and a parity stage in dvc.yaml). Targets of
 # other formats in conf/tier/ are planned work: publishing reports them as not built.
 BUILT_FORMATS = ("gguf", "onnx", "coreml", "tflite")
+# What a refused target's export directory holds instead of an artifact.
+REFUSED_FILE = "refused.json"
+
+
+def refused_target(fmt: str, tier: str, reason: str, out_dir: Path | None = None) -> dict:
+    """The record of a target the model's family cannot go to (a tier lists the format, this model cannot
+    take it: e.g. llama.cpp runs MobileVLM's projector on one patch grid only). Its stages still run, so
+    the DAG's outputs exist: the export directory holds only this record, parity reports it, publishing
+    leaves it out and lists it with its reason."""
+    record = {"format": fmt, "tier": tier, "refused": reason}
+    if out_dir is not None:
+        with atomic_dir(out_dir) as tmp:
+            write_json(record, tmp / REFUSED_FILE)
+    return record
 
 
 def export_target(fmt: str, *, model_dir: Path, out_dir: Path, tier: str, settings: dict, data_dir: Path,

@@ -283,6 +283,15 @@ class ModelFamily(ABC):
         pixels = image_processor(list(images), return_tensors="pt").pixel_values
         return [ImageViews(pixels[i:i + 1], 0, 0) for i in range(len(images))]
 
+    def view_rectangles(self, image_processor, width: int, height: int, rows: int = 0,
+                        cols: int = 0) -> list[tuple[float, float, float, float]]:
+        """Where each view of a `width` x `height` image (as `image_views` makes them) lies in the image:
+        (x0, y0, x1, y1) in the image's normalised coordinates, beyond [0, 1) where a view shows padding.
+        One view: the letterboxed square (pad-to-square processors), else the centre-cropped one."""
+        side = max(width, height) if getattr(image_processor, "do_pad", False) else min(width, height)
+        x0, y0 = (width - side) / 2 / width, (height - side) / 2 / height
+        return [(x0, y0, x0 + side / width, y0 + side / height)]
+
     def generation_pixels(self, views: list["ImageViews"]) -> dict:
         """The keyword arguments the model's `generate` takes for a batch of images with equal view counts."""
         import torch

@@ -233,6 +233,12 @@ class Idefics3Family(ModelFamily):
             views.append(ImageViews(out.pixel_values[0], int(out["rows"][0][0]), int(out["cols"][0][0])))
         return views
 
+    def view_rectangles(self, image_processor, width: int, height: int, rows: int = 0, cols: int = 0):
+        # The processor resizes the image to whole tiles (stretching it a little), cuts rows x cols tiles
+        # row-major, then appends the whole image squashed to one tile: every view lies inside the image.
+        tiles = [(c / cols, r / rows, (c + 1) / cols, (r + 1) / rows) for r in range(rows) for c in range(cols)]
+        return [*tiles, (0.0, 0.0, 1.0, 1.0)]
+
     def generation_pixels(self, views: list[ImageViews]) -> dict:
         return {"pixel_values": torch.stack([v.pixel_values for v in views])}
 

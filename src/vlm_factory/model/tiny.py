@@ -12,6 +12,7 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -97,9 +98,11 @@ def build_image_processor(image_size: int, letterbox: bool = True) -> LlavaImage
 
 
 def build_processor(arch: ArchitectureConfig) -> LlavaProcessor:
+    # patch_size: the pixels one image token spans, so <image> expands to the token count (LDPv2 pools 2x2).
+    token_pixels = arch.patch_size * (2 if arch.family == "mobilevlm" else 1)
     return LlavaProcessor(
         image_processor=build_image_processor(arch.image_size), tokenizer=build_tokenizer(arch.vocab_size),
-        patch_size=arch.patch_size, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        patch_size=token_pixels, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN, num_additional_image_tokens=0,
     )
 
@@ -125,14 +128,42 @@ def build_config(arch: ArchitectureConfig, processor: LlavaProcessor) -> LlavaCo
     )
 
 
-def build_model(arch: ArchitectureConfig, seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA and its processor (deterministic for a seed)."""
+def build_mobilevlm_config(arch: ArchitectureConfig, processor: LlavaProcessor):
+    """A MobileVLM V2 config in the published layout (Llama keys at the top level, `mm_*` keys), with the two
+    keys this project requires (`vision_config`, `image_token_index`; see families/mobilevlm.py)."""
+    from vlm_factory.model.mobilevlm import MobileVLMConfig
+
+    tok = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
+        num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size, patch_size=arch.patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+    return MobileVLMConfig(
+        hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_kv_heads, vocab_size=arch.vocab_size,
+        max_position_embeddings=arch.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vision_config=vision.to_dict(), image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        mm_hidden_size=arch.vision_hidden, mm_projector_type="ldpnetv2", mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch", mm_vision_tower="tiny-clip", image_aspect_ratio="pad",
+        mm_use_im_start_end=False, vision_tower_type="clip", architectures=["MobileLlamaForCausalLM"],
+    )
+
+
+def build_model(arch: ArchitectureConfig, seed: int):
+    """A randomly initialised tiny base of `arch.family` and its processor (deterministic for a seed)."""
     import torch
 
     processor = build_processor(arch)
-    config = build_config(arch, processor)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    if arch.family == "mobilevlm":
+        from vlm_factory.model.mobilevlm import MobileVLMForCausalLM
+
+        model = MobileVLMForCausalLM(build_mobilevlm_config(arch, processor))
+    else:
+        model = LlavaForConditionalGeneration(build_config(arch, processor))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id

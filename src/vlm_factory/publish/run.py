@@ -25,16 +25,21 @@ def store_from_params(params: Params) -> Store:
 def publish_tiers(params: Params, *, export_root: Path, parity_dir: Path, budget_dir: Path, model_dir: Path,
                   data_dir: Path, params_path: Path, repo: Path, store: Store | None = None) -> dict:
     """Refuse (GateFailed) unless every built target passed; then publish one release per tier. Returns a record."""
-    built = {fmt: by_tier for fmt, by_tier in params.targets.items() if fmt in BUILT_FORMATS}
+    family = family_of(model_dir)
+    refusals = {fmt: family.format_refusal(fmt) for fmt in params.targets if fmt in BUILT_FORMATS}
+    built = {fmt: by_tier for fmt, by_tier in params.targets.items() if fmt in BUILT_FORMATS and not refusals[fmt]}
     not_built = sorted(f"{tier}-{fmt}" for fmt, by_tier in params.targets.items() if fmt not in BUILT_FORMATS
                        for tier in by_tier)
+    refused = {f"{tier}-{fmt}": reason for fmt, reason in refusals.items() if reason
+               for tier in params.targets[fmt]}
     if not_built:
         log.warning("not built yet, so not published: %s (no exporter for these formats)", ", ".join(not_built))
+    if refused:
+        log.warning("refused by model family %s, so not published: %s", family.name, ", ".join(sorted(refused)))
     require_all_passed(parity_verdicts(built, parity_dir))
     store = store or store_from_params(params)
-    family = family_of(model_dir)
     prompt_template = family.prompt(family.load_processor(model_dir)).template
-    record = {"not_built": not_built, "releases": {}}
+    record = {"not_built": not_built, "refused": dict(sorted(refused.items())), "releases": {}}
     for tier, tier_cfg in params.tiers.items():
         formats = sorted(fmt for fmt, by_tier in built.items() if tier in by_tier)
         if not formats:

@@ -21,23 +21,37 @@ from vlm_factory.model.tiny import build_model
 
 log = logging.getLogger(__name__)
 
-MODEL_CARD = """# tiny-llava-siglip (vlm-factory bundled base)
+DESCRIPTIONS = {
+    "llava": "A tiny LLaVA-style vision-language model (SigLIP tower, 2-layer MLP projector, Llama LLM)",
+    "mobilevlm": "A tiny MobileVLM V2 (CLIP tower read at its second-to-last layer, LDPv2 projector: MLP, 2x2 "
+                 "average pooling and a depthwise-conv positional residual; Llama LLM), in MobileVLM's published "
+                 "checkpoint layout",
+}
+MODEL_CARD = """# {name} (vlm-factory bundled base)
 
-A tiny LLaVA-style vision-language model (SigLIP tower, 2-layer MLP projector, Llama LLM),
+{description},
 pretrained from scratch by `stages/pretrain_base.py` on the synthetic shapes VQA task.
 It exists so the factory runs end to end with no network; it knows nothing of real images.
 
 - recipe, seed and architecture: `recipe.json`
 - accuracy per question type during pretraining: `pretrain_metrics.json`
-- regenerate: `dvc unfreeze pretrain_base && dvc repro pretrain_base`
+- regenerate: `dvc unfreeze {stage} && dvc repro {stage}`
 """
 
 
-def make_base(out_dir: Path, arch: ArchitectureConfig, recipe: PretrainConfig) -> dict:
-    """Pretrain a tiny base into `out_dir` (atomically); returns the final accuracy report."""
-    started = time.perf_counter()
+def make_base(out_dir: Path, arch: ArchitectureConfig, recipe: PretrainConfig, stage: str = "pretrain_base") -> dict:
+    """Pretrain a tiny base from scratch into `out_dir` (atomically); returns the final accuracy report.
+    `stage`: the DVC stage that makes it (named in the model card)."""
     model, processor = build_model(arch, recipe.seed)
-    data = prepare_data(recipe, processor, model.config.image_seq_length, arch.image_size, arch.patch_size)
+    card = MODEL_CARD.format(name=out_dir.name, description=DESCRIPTIONS[arch.family], stage=stage)
+    return train_and_save(model, processor, recipe, out_dir, card, {"architecture": asdict(arch)})
+
+
+def train_and_save(model, processor, recipe: PretrainConfig, out_dir: Path, card: str, origin: dict) -> dict:
+    """Pretrain every weight of `model` by `recipe` (train/pretrain.py), measuring it on held-out synthetic
+    questions as it goes, and save it with its recipe (`origin`: what it was built from) and metrics."""
+    started = time.perf_counter()
+    data = prepare_data(recipe, model, processor)
     held_out = list(iter_split(recipe.seed, "eval", recipe.eval_images, 2, recipe.cell_px))
     images = [it.image for it in held_out for _ in it.qas]
     qas = [qa for it in held_out for qa in it.qas]
@@ -51,12 +65,12 @@ def make_base(out_dir: Path, arch: ArchitectureConfig, recipe: PretrainConfig) -
     history = pretrain(model, processor, recipe, data, evaluate=evaluate)
     final = history[-1] if history else evaluate(model)
     minutes = (time.perf_counter() - started) / 60
-    recipe_json = {"architecture": asdict(arch), "recipe": asdict(recipe), "torch": torch.__version__}
+    recipe_json = {**origin, "recipe": asdict(recipe), "torch": torch.__version__}
     metrics = {"final": final, "history": history, "wall_minutes": round(minutes, 2)}
     save_checkpoint(model, processor, out_dir, extra_files={
         "recipe.json": json.dumps(recipe_json, indent=2) + "\n",
         "pretrain_metrics.json": json.dumps(metrics, indent=2) + "\n",
-        "README.md": MODEL_CARD,
+        "README.md": card,
     })
     log.info("base pretrained in %.1f min: %.2f%% VQA accuracy", minutes, final["vqa_accuracy"])
     return final

@@ -1,5 +1,5 @@
-"""Deriving the SmolVLM base from the bundled LLaVA: the connector's fitted start, the joint alignment,
-and the learning rate a one-layer connector gets after its rescale."""
+"""Deriving the SmolVLM base from the bundled LLaVA: the connector's fitted start, the training of every
+weight over all views, and the learning rate a one-layer connector gets after its rescale."""
 
 from pathlib import Path
 
@@ -80,18 +80,27 @@ def test_a_one_layer_connector_learns_at_its_rescaled_rate(bundled):
 
 
 @pytest.mark.slow
-def test_joint_alignment_trains_connector_and_llm_not_the_tower(bundled):
+def test_derived_base_trains_every_weight_on_every_view(bundled, tmp_path):
+    """The derive stage's training: the pretraining recipe over tiles + global view moves the tower, the
+    connector and the LLM, and saves a base that loads as Idefics3 with its metrics."""
+    import json
+
+    from vlm_factory.config import PretrainConfig
+    from vlm_factory.model.checkpoint import load_checkpoint
     from vlm_factory.model.transplant import smolvlm_from_llava
-    from vlm_factory.train.align import AlignRecipe, align_connector_and_llm
+    from vlm_factory.train.base import train_and_save
 
     llava, processor = bundled
     smol, smol_processor = smolvlm_from_llava(llava, processor, scale_factor=2, tiles_per_side=2)
     before = {k: v.clone() for k, v in smol.state_dict().items()}
-    aligned, losses = align_connector_and_llm(smol, smol_processor,
-                                              AlignRecipe(steps=3, n_images=12, batch_size=8))
-    after = aligned.state_dict()
+    recipe = PretrainConfig(n_images=12, steps=3, batch_images=4, warmup_steps=1, eval_images=6, eval_every=3)
+    final = train_and_save(smol, smol_processor, recipe, tmp_path / "smol", "card", {"derived_from": "bundled"})
+    after = smol.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
-    assert any(k.startswith("model.connector.") for k in changed)
-    assert any(k.startswith("model.text_model.layers.") for k in changed)
-    assert not any(k.startswith("model.vision_model.") for k in changed)
+    for part in ("model.connector.", "model.text_model.layers.", "model.vision_model.encoder."):
+        assert any(k.startswith(part) for k in changed), part
+    metrics = json.loads((tmp_path / "smol" / "pretrain_metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [3] and final["n_questions"] == 12
+    assert all(0 < h["relevance_loss"] < 1e3 and 0 < h["lm_loss"] < 20 for h in metrics["history"])
+    loaded, _ = load_checkpoint(tmp_path / "smol")
+    assert type(loaded).__name__ == "Idefics3ForConditionalGeneration"
