@@ -1,8 +1,7 @@
 """Stages derive_qwen2_base and derive_smolvlm_base (frozen): the bundled base moved into another family.
 
 The transplant itself takes seconds (src/vlm_factory/model/transplant.py); a family whose connector and
-image-token layout are new is then trained on, every weight, by the pretraining recipe of its conf/model/
-entry (src/vlm_factory/train/pretrain.py, dense per-patch and per-token losses over all of an image's views),
+image-token layout are new is then aligned, connector and LLM together (src/vlm_factory/train/align.py),
 minutes on a CPU. Regenerate on purpose with `dvc unfreeze derive_<name>_base && dvc repro derive_<name>_base`.
 """
 
@@ -10,12 +9,11 @@ import argparse
 from pathlib import Path
 
 from vlm_factory.data.synthetic import iter_split
-from vlm_factory.config import compose, parse_params
-from vlm_factory.errors import UserError, exits_cleanly
+from vlm_factory.errors import exits_cleanly
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.checkpoint import load_checkpoint, save_checkpoint
 from vlm_factory.model.transplant import llava_with_qwen2, smolvlm_from_llava
-from vlm_factory.train.base import train_and_save
+from vlm_factory.train.align import AlignRecipe, align_connector_and_llm
 
 QWEN2_CARD = """# {name} (vlm-factory bundled base)
 
@@ -34,12 +32,11 @@ The bundled tiny LLaVA (`{source}`) as a SmolVLM / Idefics3 model: its trained S
 {tile}-px tiles (up to {tiles}x{tiles} of an image resized to {longest} px on its longest side, plus the
 whole image squashed to one tile), pixel shuffle x{scale} folds each tile's patches into {tokens} tokens, and
 its trained Llama LLM reads them between the processor's marker tokens. The new Idefics3 connector starts as
-the least-squares linear stand-in for the source's projector (fitted on {probe} synthetic images); then every
-weight was trained on for {steps} steps by the default base's pretraining recipe (`recipe.json`), its dense
-labels placed on each tile and the global view: a tower trained on whole images reads zoomed-in tiles, and
-an LLM trained on one image's tokens reads five views between markers.
+the least-squares linear stand-in for the source's projector (fitted on {probe} synthetic images), then it and the
+LLM were aligned together for {align_steps} steps on {align_images} synthetic images of the "pretrain" split
+(never the train or eval questions); the pipeline's `finetune` aligns a fresh connector against this LLM as
+it does for the default base.
 
-- accuracy per question type during that training: `pretrain_metrics.json`
 - made by `stages/derive_base.py --to smolvlm` (`dvc unfreeze derive_smolvlm_base && dvc repro derive_smolvlm_base`)
 """
 
@@ -52,8 +49,8 @@ def main(argv=None) -> None:
     parser.add_argument("--to", choices=("qwen2", "smolvlm"), default="qwen2", help="the family to move it into")
     parser.add_argument("--scale-factor", type=int, default=2, help="smolvlm: pixel shuffle factor")
     parser.add_argument("--tiles-per-side", type=int, default=2, help="smolvlm: the longest edge in tiles")
-    parser.add_argument("--model", default="tiny_smolvlm",
-                        help="smolvlm: the conf/model/ entry whose pretrain recipe trains the derived base")
+    parser.add_argument("--align-steps", type=int, default=0, help="smolvlm: joint connector + LLM alignment steps")
+    parser.add_argument("--align-images", type=int, default=6000, help="smolvlm: synthetic images to align on")
     args = parser.parse_args(argv)
     setup_logging()
     model, processor = load_checkpoint(args.source)
@@ -61,20 +58,18 @@ def main(argv=None) -> None:
         save_checkpoint(llava_with_qwen2(model), processor, args.out,
                         extra_files={"README.md": QWEN2_CARD.format(name=args.out.name, source=args.source)})
         return
-    source = f"conf/model/{args.model}.yaml"
-    recipe = parse_params(compose([f"model={args.model}"]), source).model.pretrain
-    if recipe is None:
-        raise UserError(f"{source}: no pretrain recipe to train the derived base with")
     probe = [item.image for item in iter_split(0, "pretrain", PROBE_IMAGES, 1, 32)]
     smol, smol_processor = smolvlm_from_llava(model, processor, scale_factor=args.scale_factor,
                                               tiles_per_side=args.tiles_per_side, probe_images=probe)
+    if args.align_steps:
+        smol, _ = align_connector_and_llm(smol, smol_processor,
+                                          AlignRecipe(steps=args.align_steps, n_images=args.align_images))
     tile = smol.config.vision_config.image_size
     card = SMOLVLM_CARD.format(name=args.out.name, source=args.source, tile=tile, tiles=args.tiles_per_side,
                                longest=tile * args.tiles_per_side, scale=args.scale_factor,
-                               tokens=smol_processor.image_seq_len, probe=PROBE_IMAGES, steps=recipe.steps)
-    origin = {"derived_from": str(args.source), "scale_factor": args.scale_factor,
-              "tiles_per_side": args.tiles_per_side, "connector_probe_images": PROBE_IMAGES}
-    train_and_save(smol, smol_processor, recipe, args.out, card, origin)
+                               tokens=smol_processor.image_seq_len, probe=PROBE_IMAGES, align_steps=args.align_steps,
+                               align_images=args.align_images)
+    save_checkpoint(smol, smol_processor, args.out, extra_files={"README.md": card})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Deriving the SmolVLM base from the bundled LLaVA: the connector's fitted start, the training of every
-weight over all views, and the learning rate a one-layer connector gets after its rescale."""
+"""Deriving the SmolVLM base from the bundled LLaVA: the connector's fitted start, the joint alignment, the
+learning rate a one-layer connector gets after its rescale, and pretraining's dense labels over all views."""
 
 from pathlib import Path
 
@@ -104,3 +104,21 @@ def test_derived_base_trains_every_weight_on_every_view(bundled, tmp_path):
     assert all(0 < h["relevance_loss"] < 1e3 and 0 < h["lm_loss"] < 20 for h in metrics["history"])
     loaded, _ = load_checkpoint(tmp_path / "smol")
     assert type(loaded).__name__ == "Idefics3ForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_joint_alignment_trains_connector_and_llm_not_the_tower(bundled):
+    from vlm_factory.model.transplant import smolvlm_from_llava
+    from vlm_factory.train.align import AlignRecipe, align_connector_and_llm
+
+    llava, processor = bundled
+    smol, smol_processor = smolvlm_from_llava(llava, processor, scale_factor=2, tiles_per_side=2)
+    before = {k: v.clone() for k, v in smol.state_dict().items()}
+    aligned, losses = align_connector_and_llm(smol, smol_processor,
+                                              AlignRecipe(steps=3, n_images=12, batch_size=8))
+    after = aligned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    assert any(k.startswith("model.connector.") for k in changed)
+    assert any(k.startswith("model.text_model.layers.") for k in changed)
+    assert not any(k.startswith("model.vision_model.") for k in changed)
