@@ -10,6 +10,7 @@ from vlm_factory.errors import GateFailed, exits_cleanly
 from vlm_factory.eval.artifact_parity import evaluate_artifact, gate_thresholds
 from vlm_factory.eval.parity import gate_table
 from vlm_factory.export.targets import refused_target
+from vlm_factory.families import family_of
 from vlm_factory.io import write_json
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.checkpoint import load_model
@@ -33,11 +34,11 @@ def main(argv=None) -> None:
     settings = target_settings(params, args.format, args.tier, args.params)
     max_drop, min_cosine = gate_thresholds(params.eval, args.format, args.tier, settings)
     tier = params.tiers[args.tier]
-    family, model, processor = load_model(args.model)
-    reason = family.format_refusal(args.format)
+    reason = family_of(args.model).format_refusal(args.format)
     if reason is not None:  # nothing was exported (stage export): nothing to gate, nothing to publish
         write_json(refused_target(args.format, args.tier, reason), args.out)
         return
+    family, model, processor = load_model(args.model)
     context = min(tier.context_tokens, family.text.max_positions)
     with open_runtime(args.format, args.artifact, context_tokens=context, kv_cache=tier.kv_cache_dtype) as runtime:
         result = evaluate_artifact(

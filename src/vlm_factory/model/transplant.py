@@ -75,8 +75,9 @@ def fit_connector(source, target, pixel_values: torch.Tensor) -> float:
     shows it, about as it read the source's image tokens. Why not a random start: the LLM was trained on
     image embeddings of norm ~417 (its token embeddings: 0.39) with a large shared offset, which a random
     linear connector reaches only slowly (measured with pixel shuffle x2: joint alignment then finetune end
-    near loss 0.5, 48 % VQA, where the source's loss is 0.07). The source projector (GELU MLP) is nearly linear in the tower's post-layernormed
-    features: R^2 0.98 on held-out synthetic images. Returns the fit's R^2 on `pixel_values`.
+    near loss 0.5, 48 % VQA, where the source's loss is 0.07). The source projector (GELU MLP) is nearly
+    linear in the tower's post-layernormed features: R^2 0.98 on held-out synthetic images. Returns the
+    fit's R^2 on `pixel_values`.
     """
     from vlm_factory.families import family_for
 
