@@ -4,14 +4,15 @@ import argparse
 from pathlib import Path
 
 from vlm_factory.artifacts import artifact_bytes
+from vlm_factory.budget import artifact_budget
 from vlm_factory.config import load_params, target_settings
 from vlm_factory.data.records import read_jsonl
 from vlm_factory.errors import GateFailed, exits_cleanly
-from vlm_factory.eval.artifact_parity import evaluate_artifact, gate_thresholds
-from vlm_factory.eval.parity import gate_table
+from vlm_factory.eval.artifact_parity import evaluate_artifact
+from vlm_factory.eval.gates import gate_table, gate_thresholds
 from vlm_factory.export.targets import refused_target
 from vlm_factory.families import family_of
-from vlm_factory.io import write_json
+from vlm_factory.io import read_json, write_json
 from vlm_factory.logs import setup_logging
 from vlm_factory.model.checkpoint import load_model
 from vlm_factory.runtime.open import open_runtime
@@ -27,12 +28,13 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the reference (fine-tuned) checkpoint")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--reference", type=Path, required=True, help="reference_eval's predictions.jsonl")
+    parser.add_argument("--reference-metrics", type=Path, required=True, help="reference_eval's metrics")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
     settings = target_settings(params, args.format, args.tier, args.params)
-    max_drop, min_cosine = gate_thresholds(params.eval, args.format, args.tier, settings)
+    thresholds = gate_thresholds(params.eval, args.format, args.tier, settings)
     tier = params.tiers[args.tier]
     reason = family_of(args.model).format_refusal(args.format)
     if reason is not None:  # nothing was exported (stage export): nothing to gate, nothing to publish
@@ -40,12 +42,17 @@ def main(argv=None) -> None:
         return
     family, model, processor = load_model(args.model)
     context = min(tier.context_tokens, family.text.max_positions)
+    size = artifact_bytes(args.artifact)
+    budget = artifact_budget(family, args.tier, tier, size, processor)
     with open_runtime(args.format, args.artifact, context_tokens=context, kv_cache=tier.kv_cache_dtype) as runtime:
+        reference_metrics = read_json(args.reference_metrics, missing=f"{args.reference_metrics}: not found; run "
+                                      "the reference_eval stage", fix="run the reference_eval stage again")
         result = evaluate_artifact(
             runtime, fmt=args.format, tier=args.tier, records=read_jsonl(args.data / "eval.jsonl"), data_dir=args.data,
-            reference_predictions=args.reference, model=model, processor=processor, max_drop=max_drop,
-            min_embedding_cosine=min_cosine, artifact_bytes=artifact_bytes(args.artifact),
-            embedding_images=params.eval.embedding_images, known_issue=family.known_issue(args.format))
+            reference_predictions=args.reference, reference_metrics=reference_metrics, model=model,
+            processor=processor, thresholds=thresholds, artifact_bytes=size, budget=budget,
+            embedding_images=params.eval.embedding_images, max_new_tokens=params.eval.max_answer_tokens,
+            vqa_metric=params.eval.vqa_metric, known_issue=family.known_issue(args.format))
     write_json(result, args.out)
     if not result["passed"]:
         raise GateFailed(gate_table({f"{args.tier}-{args.format}": result}))

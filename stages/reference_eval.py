@@ -25,7 +25,8 @@ def main(argv=None) -> None:
     cfg = load_params(args.params).eval
     model, processor = load_checkpoint(args.model)
     metrics, rows = evaluate_reference(model, processor, read_jsonl(args.data / "eval.jsonl"), args.data,
-                                       read_jsonl(args.data / "train.jsonl"), cfg.batch_size)
+                                       read_jsonl(args.data / "train.jsonl"), cfg.batch_size, cfg.vqa_metric,
+                                       cfg.max_answer_tokens)
     write_jsonl_rows(rows, args.predictions)
     write_json(metrics, args.metrics)
 

@@ -261,3 +261,31 @@ def test_table_is_aligned_text():
     assert any(line.startswith("gguf") and "llm=Q4_K_M" in line and "yes" in line for line in lines)
     rows = [line for line in lines if line.startswith(("gguf", "onnx"))]
     assert len(rows) == 2 and len({len(row) for row in rows}) == 1
+
+
+# -- the budget of a real artifact, as the parity gate checks it -----------------------------------------------
+
+def test_artifact_budget_counts_bytes_kv_cache_and_one_images_activations():
+    family = family_for(llava())
+    tier = TierConfig(description="t", memory_budget_mb=1, context_tokens=512, kv_cache_dtype="f16")
+    budget = _budget.artifact_budget(family, "t", tier, artifact_bytes=500_000)
+    # KV: 2 (K, V) x 2 layers x 4 heads x 16 dims x 2 bytes = 512 B a token, at the model's 256 positions.
+    assert budget["kv_cache_bytes_at_context"] == 512 * 256 and budget["context_tokens"] == 256
+    # One 64-px view, 16 patches: 4 bytes x 16 x (3 x 64 + 128 + 4 heads x 16) = 24,576.
+    assert budget["vision_activation_bytes"] == 4 * 16 * (3 * 64 + 128 + 4 * 16)
+    assert budget["total_bytes"] == 500_000 + 512 * 256 + 24_576 and budget["fits_memory"]
+    assert budget["context_tokens_needed"] == 16 + 64 and budget["fits_context"]
+
+
+def test_a_tier_too_small_for_the_artifact_fails_the_gate_on_budget():
+    from vlm_factory.eval.gates import budget_checks, describe
+
+    family = family_for(llava())
+    small = TierConfig(description="t", memory_budget_mb=1, context_tokens=512, images_per_prompt=13)
+    budget = _budget.artifact_budget(family, "t", small, artifact_bytes=2**20)
+    assert not budget["fits_memory"] and not budget["fits_context"]
+    failing = [describe(c) for c in budget_checks(budget) if c["status"] == "fail"]
+    assert len(failing) == 2
+    assert failing[0].startswith("memory_mib (weights 1.0 + KV cache 0.1 + vision activations 0.0 MiB) 1.1")
+    assert failing[0].endswith("above 1")
+    assert failing[1] == "context_tokens_needed (13 x 16 image + 64 text tokens) 272 above 256"

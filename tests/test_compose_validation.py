@@ -155,7 +155,10 @@ def _above(bound):
 
 
 # Keys the default composition leaves unset: (the overrides that set them, the key to try).
-_SET_BY = {"data.max_questions.*": (["data=vqav2"], "data.max_questions.train")}
+_SET_BY = {"data.max_questions.*": (["data=vqav2"], "data.max_questions.train"),
+           # Idefics3-only keys: the default model's conf has none (an override of one is refused by Hydra).
+           **{f"model.architecture.{key}": (["model=tiny_smolvlm"], f"model.architecture.{key}")
+              for key in ("scale_factor", "tiles_per_side")}}
 
 
 def _concrete(pattern):

@@ -9,7 +9,6 @@ graphs and weights are measured, not the resampling (test_gguf.py measures that)
 """
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from parity_inputs import UNINFORMATIVE_REFERENCE, configured_thresholds, reference_answers, write_reference
 from shrunk_models import cls_last_graph, llava15_clip_llama, llava_interleave_qwen2
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
@@ -196,7 +196,7 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
     that graph runs it (CLS appended last, positions in that order, the first row dropped before the
     projector), reading hidden state -2 as the checkpoint asks.
     """
-    from vlm_factory.config import load_params
+    from vlm_factory.data.images import load_image
     from vlm_factory.data.records import read_jsonl
     from vlm_factory.eval.artifact_parity import cosine, evaluate_artifact, reference_pixels_as_image
     from vlm_factory.model.checkpoint import load_model
@@ -207,10 +207,10 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
     assert note and "25814" in note
     llm, mmproj = _f32_package(clip_llama, tmp_path)
     records = read_jsonl(synthetic_data / "eval.jsonl")
-    reference = tmp_path / "predictions.jsonl"  # a reference that scored nothing: only the embeddings can fail
-    reference.write_text("".join(json.dumps({"question_id": r.question_id, "score": 0.0}) + "\n" for r in records))
-    floor = load_params(root / "params.yaml").eval.min_embedding_cosine["gguf"]
-    from vlm_factory.data.images import load_image
+    reference = write_reference(tmp_path / "predictions.jsonl", records, reference_answers(model, processor, records,
+                                                                                           synthetic_data))
+    thresholds = configured_thresholds(root, "gguf", {"llm": "F16"})
+    floor = thresholds.min_embedding_cosine
 
     image = reference_pixels_as_image(processor.image_processor, load_image(synthetic_data / records[0].image),
                                       family)
@@ -222,16 +222,17 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
     with LlamaCppRuntime(llm, mmproj, prompt=family.prompt(processor)) as runtime:
         actual = runtime.image_embeddings(image)
         result = evaluate_artifact(runtime, fmt="gguf", tier="t", records=records, data_dir=synthetic_data,
-                                   reference_predictions=reference, model=model, processor=processor, max_drop=1.0,
-                                   min_embedding_cosine=floor, artifact_bytes=0, embedding_images=8,
-                                   known_issue=note)
+                                   reference_predictions=reference, reference_metrics=UNINFORMATIVE_REFERENCE,
+                                   model=model, processor=processor, thresholds=thresholds, artifact_bytes=0,
+                                   embedding_images=8, known_issue=note)
     print(f"CLIP mmproj: cosine {cosine(actual, llama_cpp_graph):.7f} with the CLS-last graph, "
           f"{result['image_embedding_cosine']['mean']:.4f} with transformers (floor {floor})")
     assert cosine(actual, llama_cpp_graph) > 0.99999  # measured 0.9999999
-    assert result["drift"] >= 0 and not result["passed"]
-    assert result["known_issue"] == note
-    assert result["failure_reason"] == (f"image embedding cosine {result['image_embedding_cosine']['mean']:.4f} "
-                                        f"below {floor} (known issue: {note})")
+    assert not result["passed"] and result["known_issue"] == note
+    failing = {c["check"]: c for c in result["checks"] if c["status"] == "fail"}
+    assert failing["embedding_cosine"]["known_issue"] == note
+    assert f"embedding_cosine {failing['embedding_cosine']['value']:g} below {floor:g} (known issue: {note})" \
+        in result["failure_reason"]
 
 
 # -- tokenizers, layouts ---------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ computes, transformers' LLM gives llama.cpp's first-token log-probs.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from parity_inputs import UNINFORMATIVE_REFERENCE, configured_thresholds, reference_answers, write_reference
 from shrunk_models import IMAGE_SIZES, cls_last_graph, gradient_image, mobilevlm_v2_1_7b
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
@@ -236,7 +236,6 @@ def test_llama_cpp_runs_the_cls_last_graph(loaded, packages, images, setting, kv
 def test_parity_gate_fails_mobilevlm_with_the_known_issue(loaded, packages, synthetic_data, root, tmp_path):
     """The whole gate on the synthetic eval split, its configured floor: the export runs, answers, and fails on
     the embeddings, naming the family's known issue."""
-    from vlm_factory.config import load_params
     from vlm_factory.data.records import read_jsonl
     from vlm_factory.eval.artifact_parity import evaluate_artifact
     from vlm_factory.runtime.open import open_runtime
@@ -245,26 +244,27 @@ def test_parity_gate_fails_mobilevlm_with_the_known_issue(loaded, packages, synt
     note = family.known_issue("gguf")
     assert note and "25814" in note
     records = read_jsonl(synthetic_data / "eval.jsonl")
-    reference = tmp_path / "predictions.jsonl"  # a reference that scored nothing: only the embeddings can fail
-    reference.write_text("".join(json.dumps({"question_id": r.question_id, "score": 0.0}) + "\n" for r in records))
-    floor = load_params(root / "params.yaml").eval.min_embedding_cosine["gguf"]
+    reference = write_reference(tmp_path / "predictions.jsonl", records, reference_answers(model, processor, records,
+                                                                                           synthetic_data))
+    thresholds = configured_thresholds(root, "gguf", {"llm": "Q8_0"})
+    floor = thresholds.min_embedding_cosine
     llm, _, report = packages["Q8_0"]
     # Opened as the parity stage opens it: the export report's prompt and files. The shrunk 320-token vocabulary
     # spells the v1 system prompt nearly letter by letter: 309 prompt tokens, 144 of them the image's.
     with open_runtime("gguf", llm.parent, context_tokens=512, kv_cache="f16", isolated=False) as runtime:
         result = evaluate_artifact(runtime, fmt="gguf", tier="t", records=records, data_dir=synthetic_data,
-                                   reference_predictions=reference, model=model, processor=processor, max_drop=1.0,
-                                   min_embedding_cosine=floor, artifact_bytes=report["total_bytes"],
-                                   embedding_images=8, known_issue=note)
+                                   reference_predictions=reference, reference_metrics=UNINFORMATIVE_REFERENCE,
+                                   model=model, processor=processor, thresholds=thresholds,
+                                   artifact_bytes=report["total_bytes"], embedding_images=8, known_issue=note)
     cosines = result["image_embedding_cosine"]
     print(f"gate: embedding cosine {cosines}, preprocessing "
           f"{ {k: v['cosine'] for k, v in result['preprocessing'].items()} }")
-    assert result["drift"] >= 0 and not result["passed"]
-    assert result["known_issue"] == note
-    assert result["failure_reason"] == (f"image embedding cosine {cosines['mean']:.4f} below {floor} "
-                                        f"(known issue: {note})")
+    assert not result["passed"] and result["known_issue"] == note
+    failing = {c["check"]: c for c in result["checks"] if c["status"] == "fail"}
+    assert failing["embedding_cosine"]["known_issue"] == note
+    assert f"embedding_cosine {cosines['mean']:g} below {floor:g} (known issue: {note})" in result["failure_reason"]
     assert cosines["mean"] < floor  # measured 0.950 (min 0.920)
-    # llama.cpp's preprocessing, reported not gated: a square image is resized alike (measured 1.0); a tall or
+    # llama.cpp's preprocessing, gated too (it fails here as well): a square image is resized alike (1.0); a tall or
     # wide one is resized then padded, where MobileVLM pads to a square then resizes, which blends the image's
     # edges with the padding differently (measured 0.970 tall, 0.980 wide; the reference model given PIL's
     # resize-then-pad instead of its processor's pixels: 0.974 and 0.978, so the order, not the resampling).

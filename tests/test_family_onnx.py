@@ -206,3 +206,52 @@ def test_int8_tied_qwen2_against_transformers(tmp_path_factory, synthetic_data, 
             logprob_diff = abs(float(got[top] - reference[top]))
             print(f"int8 {aspect}: feature cosine {cosine:.5f}, |Δ log p| of the top token {logprob_diff:.4f}")
             assert cosine >= INT8_FEATURE_COSINE and logprob_diff <= INT8_LOGPROB_ATOL, aspect
+
+
+def _one_weight_negated(src, dst) -> str:
+    """A copy of the fp32 export whose decoder has one weight matrix negated (the first MLP down projection)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dst)
+    graph = onnx.load(str(dst / "text.onnx"))
+    target = next(t for t in graph.graph.initializer
+                  if "down_proj" in t.name or ("mlp" in t.name and len(t.dims) == 2))
+    target.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(target), target.name))
+    onnx.save(graph, str(dst / "text.onnx"))
+    return target.name
+
+
+def test_gate_fails_a_decoder_with_one_wrong_weight_though_the_random_model_scores_nothing(
+        variant, synthetic_data, root, tmp_path):
+    """A random-weight model scores 0 % in every runtime: drift and flips cannot tell a broken decoder, and the
+    verdict says so. Agreement with the reference model still can: the faithful export passes every check
+    (first-token KL ~1e-12), the one with a single negated weight matrix fails on it."""
+    from parity_inputs import UNINFORMATIVE_REFERENCE, configured_thresholds, reference_answers, write_reference
+
+    from vlm_factory.data.records import read_jsonl
+    from vlm_factory.eval.artifact_parity import evaluate_artifact
+    from vlm_factory.runtime.onnx_runtime import OnnxRuntime
+
+    v = variant
+    records = read_jsonl(synthetic_data / "eval.jsonl")[:24]
+    answers = reference_answers(v.model, v.processor, records, synthetic_data)
+    reference = write_reference(tmp_path / "predictions.jsonl", records, answers)
+    gate = dict(fmt="onnx", tier="t", records=records, data_dir=synthetic_data, reference_predictions=reference,
+                reference_metrics=UNINFORMATIVE_REFERENCE, model=v.model, processor=v.processor,
+                thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}), artifact_bytes=0,
+                embedding_images=4)
+    faithful = evaluate_artifact(v.runtime, **gate)
+    negated = _one_weight_negated(v.out, tmp_path / "broken")
+    with OnnxRuntime(tmp_path / "broken") as runtime:
+        broken = evaluate_artifact(runtime, **gate)
+    print(f"{v.name}: faithful {faithful['agreement']}, {negated} negated {broken['agreement']}")
+    for result in (faithful, broken):
+        assert result["vqa_accuracy"] == 0.0 and not result["accuracy_informative"]
+    assert faithful["passed"], faithful.get("failure_reason")
+    assert faithful["agreement"]["answers"] == 1.0 and faithful["agreement"]["first_token_kl"] < 1e-6
+    failing = {c["check"] for c in broken["checks"] if c["status"] == "fail"}
+    assert not broken["passed"] and "first_token_kl" in failing, broken["checks"]
+    assert broken["drift"] == 0.0 and broken["flip_rate"] == 0.0  # what the old, accuracy-only gate passed on

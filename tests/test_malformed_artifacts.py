@@ -707,7 +707,7 @@ def test_parity_stage_exits_2_with_one_error_line(exports, tmp_path, case):
     done = subprocess.run([sys.executable, "stages/parity.py", "--params", "params.yaml", "--format", fmt,
                            "--tier", tier, "--artifact", str(directory), "--model", str(BUNDLED_BASE),
                            "--data", str(tmp_path), "--reference", str(tmp_path / "ref.jsonl"),
-                           "--out", str(tmp_path / "out.json")],
+                           "--reference-metrics", str(tmp_path / "reference.json"), "--out", str(tmp_path / "out.json")],
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT, env=env)
     lines = [line for line in done.stderr.splitlines() if line.strip() and not CLI_NOISE.match(line)]
     assert done.returncode == 2, done.stderr[-2000:]

@@ -246,3 +246,52 @@ def test_transparent_and_other_modes_preprocess_like_the_processor(mode):
         image.info["transparency"] = 0
     expected = processor.image_processor([image], return_tensors="np").pixel_values[0]
     assert _max_diff(preprocess(image, family.preprocessing(processor)), expected) <= PIXELS_ATOL, mode
+
+
+def test_gate_fails_a_centre_crop_package_on_aspect_and_preprocessing(exported, reference, synthetic_data, root,
+                                                                     tmp_path):
+    """The package's config told to centre-crop (what CLIP's processor does) where the model letterboxes: on
+    square images nothing changes, on tall and wide ones the objects near the ends are cut away. The verdict
+    fails on the worst aspect's drift and on the preprocessing check, naming the aspect; the unchanged
+    package passes every check."""
+    import shutil
+
+    from parity_inputs import configured_thresholds, write_reference
+
+    from vlm_factory.data.images import load_image
+    from vlm_factory.data.records import read_jsonl
+    from vlm_factory.eval.artifact_parity import evaluate_artifact
+    from vlm_factory.eval.generate import answer_questions
+    from vlm_factory.eval.reference import blind_answers, score
+    from vlm_factory.families.llava import image_preprocessing
+    from vlm_factory.model.tiny import build_image_processor
+    from vlm_factory.runtime.onnx_runtime import OnnxRuntime
+
+    model, processor = reference
+    records = read_jsonl(synthetic_data / "eval.jsonl")
+    answers = answer_questions(model, processor, [load_image(synthetic_data / r.image) for r in records],
+                               [r.question for r in records])
+    scores, accuracy = score(records, answers)
+    _, blind = score(records, blind_answers(read_jsonl(synthetic_data / "train.jsonl"), records))
+    gate = dict(fmt="onnx", tier="t", records=records, data_dir=synthetic_data,
+                reference_predictions=write_reference(tmp_path / "predictions.jsonl", records, answers, scores),
+                reference_metrics={"vqa_accuracy": accuracy["vqa_accuracy"], "blind_baseline": blind},
+                model=model, processor=processor, thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}),
+                artifact_bytes=0, embedding_images=12)
+    cropping = tmp_path / "centre-crop"
+    shutil.copytree(exported[0], cropping)
+    config = json.loads((cropping / "genai_config.json").read_text())
+    config["model"]["vision"]["preprocessing"] = image_preprocessing(build_image_processor(64, letterbox=False))
+    (cropping / "genai_config.json").write_text(json.dumps(config))
+    with OnnxRuntime(exported[0]) as faithful_runtime:
+        faithful = evaluate_artifact(faithful_runtime, **gate)
+    with OnnxRuntime(cropping) as runtime:
+        cropped = evaluate_artifact(runtime, **gate)
+    print(f"reference {accuracy['vqa_accuracy']} % (blind {blind['vqa_accuracy']} %); centre crop: "
+          f"{cropped['by_aspect']['drift']}, {cropped.get('failure_reason')}")
+    assert faithful["accuracy_informative"] and faithful["passed"], faithful.get("failure_reason")
+    failing = {c["check"]: c for c in cropped["checks"] if c["status"] == "fail"}
+    assert not cropped["passed"]
+    assert failing["worst_aspect_drift"]["detail"] in ("tall", "wide")
+    assert failing["preprocessing_cosine"]["detail"] in ("tall", "wide")
+    assert cropped["by_aspect"]["drift"]["square"] == 0.0  # a square image is cropped to itself

@@ -12,6 +12,22 @@ from pathlib import Path
 
 import pytest
 
+
+
+def _open_gates() -> list[str]:
+    """Every gate threshold of the default composition at its open end (drops of 100 points, flips and KL
+    unbounded, floors at 0)."""
+    from omegaconf import OmegaConf
+
+    from vlm_factory.eval.gates import PER_FORMAT, PER_SETTING
+
+    gates = OmegaConf.load(Path(__file__).resolve().parents[1] / "params.yaml").eval
+    open_end = {"max_drop": 100.0, "max_aspect_drop": 100.0, "max_flip_rate": 1.0, "max_first_token_kl": 1e6}
+    overrides = [f"eval.{table}.{fmt}.{setting}={open_end.get(table, 0.0)}"
+                 for table in PER_SETTING for fmt, settings in gates[table].items() for setting in settings]
+    return overrides + [f"eval.{table}.{fmt}=0.0" for table in PER_FORMAT for fmt in gates[table]]
+
+
 TINY = [
     "data.train_images=90", "data.eval_images=36",
     "train.steps=12", "train.batch_size=32", "train.log_every=4",
@@ -19,11 +35,7 @@ TINY = [
     # 72 eval questions cannot resolve a 1-2 point drift (one question is 1.4 points) and a 12-step
     # projector is near random: the smoke run checks wiring, so its gates are open.
     # test_a_failed_gate_stops_with_a_table checks that a gate does stop the stage.
-    "eval.max_drop.gguf.Q4_K_M=100.0", "eval.max_drop.gguf.Q5_K_M=100.0", "eval.max_drop.gguf.Q8_0=100.0",
-    "eval.min_embedding_cosine.gguf=0.0",
-    "eval.max_drop.onnx.int8=100.0", "eval.max_drop.onnx.fp16=100.0", "eval.min_embedding_cosine.onnx=0.0",
-    "eval.max_drop.coreml.4=100.0", "eval.min_embedding_cosine.coreml=0.0",
-    "eval.max_drop.tflite.fp16=100.0", "eval.min_embedding_cosine.tflite=0.0",
+    *_open_gates(),
     "export.calibration_images=4",
 ]
 
@@ -100,7 +112,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
 
 def test_a_failed_gate_stops_with_a_table(workspace):
     """A gate no quantized artifact passes (a cosine floor of exactly 1 with a Q8_0 tower, no drop allowed):
-    exit 1, a table, the verdict kept. (Floors above 1 are refused by the params schema.)"""
+    exit 1, a table naming the failing check, the verdict kept. (Floors above 1 are refused by the params
+    schema.)"""
     from omegaconf import OmegaConf
 
     params = OmegaConf.load(workspace / "params.yaml")
@@ -112,12 +125,15 @@ def test_a_failed_gate_stops_with_a_table(workspace):
     result = subprocess.run(
         [sys.executable, "stages/parity.py", "--params", str(strict), "--format", "gguf", "--tier", "android_budget",
          "--artifact", "artifacts/export/android_budget/gguf", "--model", "artifacts/finetuned", "--data", "artifacts/data",
-         "--reference", "artifacts/reference/predictions.jsonl", "--out", str(out)],
+         "--reference", "artifacts/reference/predictions.jsonl", "--reference-metrics", "metrics/reference.json",
+         "--out", str(out)],
         cwd=workspace, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "parity gate failed" in result.stderr and "android_budget-gguf  FAIL" in result.stderr
+    assert "embedding_cosine" in result.stderr and "below 1" in result.stderr
     assert "Traceback" not in result.stderr
-    assert json.loads(out.read_text())["passed"] is False
+    verdict = json.loads(out.read_text())
+    assert verdict["passed"] is False and "embedding_cosine" in verdict["failure_reason"]
 
 
 def test_dvc_exp_run_with_an_override_is_listed_with_params_and_metrics(workspace):

@@ -1,9 +1,11 @@
 """Pretraining scaffolding: dense labels land on the right patches of each view (letterboxed image, tiles)."""
 
 import numpy as np
+import pytest
 
 from vlm_factory.data.questions import ask
 from vlm_factory.data.scenes import Scene, SceneObject
+from vlm_factory.families import family_for
 from vlm_factory.train.pretrain import (
     COLOUR_CLASSES,
     SHAPE_CLASSES,
@@ -60,16 +62,19 @@ def test_relevance_and_answer_targets_mark_the_subject(random_llava):
     assert set(answer_targets(token_relevance(cells, 4, 1, count), count, encoded)) == {IGNORE_INDEX}
 
 
-def test_make_base_trains_saves_and_reports(tmp_path, small_arch):
-    """The frozen stage's code path end to end, at toy size: a loadable HF base with recipe and metrics."""
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_make_base_trains_saves_and_reports(tmp_path, small_arch, family):
+    """The frozen stages' code path end to end, at toy size: a loadable HF base with recipe and metrics (for
+    idefics3, every tile and the global view carry their dense labels)."""
     import json
+    from dataclasses import replace
 
     from vlm_factory.config import PretrainConfig
     from vlm_factory.model.checkpoint import load_checkpoint
     from vlm_factory.train.base import make_base
 
     recipe = PretrainConfig(n_images=48, steps=6, batch_images=4, warmup_steps=2, eval_images=18, eval_every=3)
-    final = make_base(tmp_path / "base", small_arch, recipe)
+    final = make_base(tmp_path / "base", replace(small_arch, family=family), recipe)
     metrics = json.loads((tmp_path / "base" / "pretrain_metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [3, 6]
     assert final["n_questions"] == 36 and set(final["by_question_type"]) >= {"colour", "text"}
@@ -78,6 +83,7 @@ def test_make_base_trains_saves_and_reports(tmp_path, small_arch):
     assert recipe_json["recipe"]["steps"] == 6 and recipe_json["architecture"]["text_hidden"] == 64
     model, _ = load_checkpoint(tmp_path / "base")  # checksums verified on load
     assert not any("aux" in name or "relevance" in name for name in model.state_dict())
+    assert family_for(model.config).name == family and recipe_json["architecture"]["family"] == family
 
 
 def test_letterbox_rectangle_is_the_one_the_cells_above_assume(random_llava):

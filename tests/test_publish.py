@@ -65,7 +65,9 @@ def release_inputs(tmp_path, root, synthetic_data, random_checkpoint):
 def _verdict(fmt, passed):
     return {"format": fmt, "tier": TIER, "passed": passed, "vqa_accuracy": 86.0, "reference_accuracy": 87.0,
             "drift": -1.0 if passed else -3.0, "drift_ci95": [-1.5, -0.5], "flip_rate": 0.01,
-            "threshold": {"max_drop": 2.0, "min_embedding_cosine": 0.99}, "image_embedding_cosine": {"mean": 0.999}}
+            "agreement": {"answers": 0.99, "first_token_top1": 0.99, "first_token_kl": 0.002},
+            "threshold": {"max_drop": 2.0, "min_embedding_cosine": 0.99}, "image_embedding_cosine": {"mean": 0.999},
+            **({} if passed else {"failure_reason": "drift -3 below -2"})}
 
 
 def _publish(inputs, store, **overrides):

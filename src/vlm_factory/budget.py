@@ -152,6 +152,39 @@ def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig, process
     }
 
 
+def vision_activation_bytes(family: "ModelFamily", views: int) -> int:
+    """Peak float32 activations of the vision tower for one image: its `views` (tiles are encoded as one batch)
+    through one encoder layer, where the residual stream, the attention scores and the MLP's hidden layer
+    are alive together. An estimate of the runtime's working memory, not of any one runtime's allocator."""
+    vision = family.vision
+    tokens = vision.patches + int(vision.has_cls_token)
+    per_view = tokens * (3 * vision.hidden_size + vision.intermediate_size + vision.num_heads * tokens)
+    return 4 * views * per_view
+
+
+def artifact_budget(family: "ModelFamily", tier_name: str, tier: TierConfig, artifact_bytes: int,
+                    processor=None) -> dict[str, Any]:
+    """The tier's budget for a real artifact: its bytes on disk as the weights in runtime memory (every runtime
+    here maps or loads its files as stored), the KV cache at the tier's context and KV type, and the vision
+    activations of one image; and whether the context holds `images_per_prompt` images plus `min_text_tokens`."""
+    kv_per_token = kv_cache_bytes_per_token(family, tier.kv_cache_dtype, tier_name)
+    context = min(tier.context_tokens, family.text.max_positions)
+    image_tokens = family.visual_tokens(processor)
+    kv_bytes = math.ceil(kv_per_token * context)
+    activations = vision_activation_bytes(family, family.max_views(processor))
+    total = artifact_bytes + kv_bytes + activations
+    budget_bytes = tier.memory_budget_mb * 2**20
+    needed = tier.images_per_prompt * image_tokens + tier.min_text_tokens
+    return {
+        "memory_budget_bytes": budget_bytes, "weights_bytes_in_memory": artifact_bytes,
+        "kv_cache_bytes_at_context": kv_bytes, "vision_activation_bytes": activations, "total_bytes": total,
+        "fits_memory": total <= budget_bytes,
+        "context_tokens": context, "visual_tokens_per_image": image_tokens,
+        "images_per_prompt": tier.images_per_prompt, "min_text_tokens": tier.min_text_tokens,
+        "context_tokens_needed": needed, "fits_context": needed <= context,
+    }
+
+
 def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f}"
 

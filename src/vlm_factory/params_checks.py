@@ -23,8 +23,9 @@ _CHOICES = {
     "model.source": ("local", "hub"),
     "data.source": ("synthetic", "hub", "local"),
     "train.llm": ("frozen", "lora", "full"),
-    "model.architecture.family": ("llava", "mobilevlm"),
+    "model.architecture.family": ("llava", "mobilevlm", "idefics3"),
     "train.projector": ("reinit", "continue", "frozen"),
+    "eval.vqa_metric": ("official", "normalized"),
 }
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # One path segment (release prefixes, artifact directories, DVC stage names): no separator, no leading dot.
@@ -109,10 +110,21 @@ BOUNDS: dict[str, Bound] = {
     "train.weight_decay": _NON_NEGATIVE,
     "eval.batch_size": _COUNT,
     "eval.embedding_images": _COUNT,
+    "eval.max_answer_tokens": _COUNT,
     "eval.max_drop.*.*": Bound(0, 100),  # accuracy points: 100 leaves a gate open
+    "eval.max_aspect_drop.*.*": Bound(0, 100),
+    "eval.max_flip_rate.*.*": _FRACTION,
+    "eval.min_answer_agreement.*.*": _FRACTION,
+    "eval.min_first_token_agreement.*.*": _FRACTION,
+    "eval.max_first_token_kl.*.*": _NON_NEGATIVE,
     "eval.min_embedding_cosine.*": _FRACTION,
+    "eval.min_aspect_embedding_cosine.*": _FRACTION,
+    "eval.min_preprocessing_cosine.*": _FRACTION,
+    "eval.min_informative_margin": Bound(0, 100),
     "tiers.*.memory_budget_mb": _COUNT,
     "tiers.*.context_tokens": _COUNT,
+    "tiers.*.images_per_prompt": _COUNT,
+    "tiers.*.min_text_tokens": _NON_NEGATIVE_INT,
     "export.calibration_images": _COUNT,
     # S3 parts (the threshold is also the part size) are 5 MiB to 5 GiB.
     "publish.multipart_threshold_mb": Bound(5, 5120, integer=True),
@@ -212,6 +224,10 @@ def _validate_model(params: Params, path: Path) -> None:
     if arch.family == "mobilevlm" and (arch.image_size // arch.patch_size) % 2:
         raise _refuse(path, "model.architecture.patch_size", arch.patch_size,
                       f"one that makes an even patch grid of image_size {arch.image_size} (LDPv2 pools 2x2 patches)")
+    if arch.family == "idefics3" and (arch.image_size // arch.patch_size) % arch.scale_factor:
+        raise _refuse(path, "model.architecture.scale_factor", arch.scale_factor,
+                      f"a divisor of the tile's patch grid ({arch.image_size // arch.patch_size} per side): pixel "
+                      "shuffle folds scale_factor x scale_factor patches into one token")
 
 
 def _validate_devices(params: Params, path: Path) -> None:
@@ -221,7 +237,9 @@ def _validate_devices(params: Params, path: Path) -> None:
         if tier.kv_cache_dtype not in KV_DTYPE_BYTES:
             raise _refuse(path, f"tiers.{name}.kv_cache_dtype", tier.kv_cache_dtype,
                           f"one of {', '.join(KV_DTYPE_BYTES)}")
-    for table in ("max_drop", "min_embedding_cosine"):
+    from vlm_factory.eval.gates import PER_FORMAT, PER_SETTING
+
+    for table in (*PER_SETTING, *PER_FORMAT):
         unknown = sorted(set(getattr(params.eval, table)) - set(FORMATS))
         if unknown:
             raise UserError(f"{path}: key 'eval.{table}.{unknown[0]}' names no format; known: {', '.join(FORMATS)}")

@@ -13,9 +13,10 @@ FORMATS = ("gguf", "onnx", "coreml", "tflite")
 @dataclass
 class ArchitectureConfig:
     # llava (SigLIP + MLP + Llama) | mobilevlm (CLIP + LDPv2 + Llama: its tower's feature layer is the
-    # second-to-last, and 2x2 pooling leaves (image_size / patch_size / 2)^2 image tokens)
+    # second-to-last, and 2x2 pooling leaves (image_size / patch_size / 2)^2 image tokens) | idefics3
+    # (SmolVLM: SigLIP-style tower on image_size tiles, pixel shuffle, linear connector, Llama)
     family: str = "llava"
-    image_size: int = 64
+    image_size: int = 64  # the tower's input: the whole (letterboxed) image, or one idefics3 tile
     patch_size: int = 16
     vision_hidden: int = 256
     vision_intermediate: int = 512
@@ -28,6 +29,10 @@ class ArchitectureConfig:
     text_kv_heads: int = 4
     vocab_size: int = 512
     max_positions: int = 256
+    # idefics3 only: pixel shuffle folds scale_factor x scale_factor patches into one token, and an image is
+    # resized to tiles_per_side tiles on its longest side (cut into tiles, plus the whole image as one tile).
+    scale_factor: int = 2
+    tiles_per_side: int = 2
 
 
 @dataclass
@@ -94,8 +99,20 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 64
+    vqa_metric: str = "official"  # official | normalized (eval/vqa_metric.py)
+    max_answer_tokens: int = 8
+    # Gate thresholds (eval/gates.py): per format and precision setting...
     max_drop: dict[str, dict[str, float]] = field(default_factory=dict)
+    max_aspect_drop: dict[str, dict[str, float]] = field(default_factory=dict)
+    max_flip_rate: dict[str, dict[str, float]] = field(default_factory=dict)
+    min_answer_agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+    min_first_token_agreement: dict[str, dict[str, float]] = field(default_factory=dict)
+    max_first_token_kl: dict[str, dict[str, float]] = field(default_factory=dict)
+    # ...and per format
     min_embedding_cosine: dict[str, float] = field(default_factory=dict)
+    min_aspect_embedding_cosine: dict[str, float] = field(default_factory=dict)
+    min_preprocessing_cosine: dict[str, float] = field(default_factory=dict)
+    min_informative_margin: float = 10.0
     embedding_images: int = 64
 
 
@@ -105,6 +122,9 @@ class TierConfig:
     memory_budget_mb: int = MISSING
     context_tokens: int = MISSING
     kv_cache_dtype: str = "f16"
+    # The context must hold this many images plus this much text, or the tier's gate fails.
+    images_per_prompt: int = 1
+    min_text_tokens: int = 64
     # Not written in params.yaml: load_params fills it from `targets.<format>.<tier>`.
     formats: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -5,7 +5,8 @@ images; this module pairs its per-question scores with the reference's, measures
 image embeddings are to the PyTorch model's, checks its preprocessing on square, tall and wide
 images, and returns the verdict dict written to `metrics/parity/<tier>-<format>.json`.
 
-A runtime adapter provides `answer(images, questions, progress)` and `image_embeddings(image)`;
+A runtime adapter provides `iter_answers(images, questions, progress, max_new_tokens)` (each answer with
+its first-token logits) and `image_embeddings(image)`;
 one that exposes its pixel input also provides `pixel_values(image)` (compared with the
 reference processor's directly), otherwise preprocessing is checked through the embeddings of the
 raw image against those of the reference processor's own pixels fed to the same runtime.
@@ -17,6 +18,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -28,50 +30,37 @@ from tqdm import tqdm
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import VQARecord
 from vlm_factory.errors import UserError
-from vlm_factory.eval.parity import drift_by, gate, paired_drift
+from vlm_factory.eval.gates import GateThresholds, verdict
+from vlm_factory.eval.generate import first_token_log_probs
+from vlm_factory.eval.parity import answer_agreement, drift_by, first_token_agreement, paired_drift
 from vlm_factory.eval.reference import score
 from vlm_factory.families import family_for
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
 
 log = logging.getLogger(__name__)
 
 
-# The setting of a target that picks its accuracy threshold in eval.max_drop.<format>.
-GATE_SETTING = {"gguf": "llm", "onnx": "precision", "coreml": "nbits", "tflite": "precision"}
-
-
-def gate_thresholds(eval_cfg, fmt: str, tier: str, settings: dict) -> tuple[float, float]:
-    """(max_drop, min_embedding_cosine) for one target, or a one-line error naming the missing key."""
-    setting = str(settings.get(GATE_SETTING[fmt], ""))
-    table = eval_cfg.max_drop.get(fmt, {})
-    match = {k.upper(): v for k, v in table.items()}.get(setting.upper())
-    if match is None:
-        raise UserError(f"key 'eval.max_drop.{fmt}' has no threshold for {setting!r} "
-                        f"(targets.{fmt}.{tier}.{GATE_SETTING[fmt]}); add one in conf/eval/")
-    if fmt not in eval_cfg.min_embedding_cosine:
-        raise UserError(f"key 'eval.min_embedding_cosine.{fmt}' is missing; add it in conf/eval/")
-    return float(match), float(eval_cfg.min_embedding_cosine[fmt])
-
-
 class Runtime(Protocol):
-    def answer(self, images: list[Image.Image], questions: list[str], progress=None) -> list[str]: ...
+    def iter_answers(self, images: list[Image.Image], questions: list[str], progress=None,
+                     max_new_tokens: int = MAX_ANSWER_TOKENS) -> Iterator[Answer]: ...
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray: ...
 
 
-def reference_scores(path: Path, records: list[VQARecord]) -> list[float]:
-    """The reference model's per-question scores, in the order of `records`."""
+def reference_answers(path: Path, records: list[VQARecord]) -> tuple[list[float], list[str]]:
+    """The reference model's per-question scores and answers, in the order of `records`."""
     if not path.is_file():
         raise UserError(f"{path}: reference predictions not found; run the reference_eval stage")
     by_id = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            by_id[row["question_id"]] = row["score"]
+            by_id[row["question_id"]] = row
     missing = [r.question_id for r in records if r.question_id not in by_id]
     if missing:
         raise UserError(f"{path}: no reference score for {len(missing)} eval question(s) (e.g. {missing[0]}); "
                         "re-run reference_eval on the same data")
-    return [by_id[r.question_id] for r in records]
+    return [by_id[r.question_id]["score"] for r in records], [by_id[r.question_id]["prediction"] for r in records]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -151,21 +140,44 @@ def _first_per_aspect(records: list[VQARecord], images: dict[str, Image.Image]) 
     return dict(sorted(samples.items()))
 
 
-def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQARecord], data_dir: Path,
-                      reference_predictions: Path, model, processor, max_drop: float,
-                      min_embedding_cosine: float, artifact_bytes: int, embedding_images: int = 64,
-                      known_issue: str | None = None) -> dict:
-    """The parity verdict of one artifact (see the module docstring); `passed` decides the gate.
+def run_answers(runtime: Runtime, label: str, model, processor, images: list[Image.Image], questions: list[str],
+                max_new_tokens: int) -> tuple[list[str], dict]:
+    """The runtime's answers, and how its first-token distributions agree with the reference model's on every
+    question (top-1 share, mean KL) and how many answers the length cap cut."""
+    expected = first_token_log_probs(model, processor, images, questions, progress=f"{label} reference logits")
+    answers, top1, kls, truncated = [], 0, [], 0
+    with tqdm(total=len(questions), desc=f"{label} answers", unit="q") as progress:
+        for index, answer in enumerate(runtime.iter_answers(images, questions, progress, max_new_tokens)):
+            same, kl = first_token_agreement(expected[index], answer.first_logits)
+            answers.append(answer.text)
+            top1 += same
+            kls.append(kl)
+            truncated += answer.truncated
+    stats = {"first_token_top1": round(top1 / len(questions), 4), "first_token_kl": round(float(np.mean(kls)), 6),
+             "first_token_kl_max": round(float(np.max(kls)), 6), "truncated_answers": truncated,
+             "max_answer_tokens": max_new_tokens}
+    return answers, stats
 
-    `known_issue` is a runtime defect the model family knows this artifact hits (family.known_issue):
-    it never passes the gate, it only says why the embedding check fails, in the result and its reason.
+
+def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQARecord], data_dir: Path,
+                      reference_predictions: Path, reference_metrics: dict, model, processor,
+                      thresholds: GateThresholds, artifact_bytes: int, embedding_images: int = 64,
+                      max_new_tokens: int = MAX_ANSWER_TOKENS, vqa_metric: str = "official",
+                      budget: dict | None = None, known_issue: str | None = None) -> dict:
+    """The parity verdict of one artifact (see the module docstring; eval/gates.py judges it).
+
+    `reference_metrics`: reference_eval's metrics (its accuracy and blind baseline say whether accuracy
+    can tell anything here). `budget`: budget.artifact_budget for the target's tier (gated when given). `known_issue` is a runtime defect the model family knows this artifact hits
+    (family.known_issue): it never passes the gate, it only says why the embedding check fails.
     """
     started = time.perf_counter()
-    reference = reference_scores(reference_predictions, records)
+    reference, reference_texts = reference_answers(reference_predictions, records)
     images = {name: load_image(data_dir / name) for name in dict.fromkeys(r.image for r in records)}
-    with tqdm(total=len(records), desc=f"{tier}-{fmt} answers", unit="q") as progress:
-        predictions = runtime.answer([images[r.image] for r in records], [r.question for r in records], progress)
-    scores, accuracy = score(records, predictions)
+    predictions, agreement = run_answers(runtime, f"{tier}-{fmt}", model, processor,
+                                         [images[r.image] for r in records], [r.question for r in records],
+                                         max_new_tokens)
+    agreement["answers"] = round(answer_agreement(reference_texts, predictions), 4)
+    scores, accuracy = score(records, predictions, vqa_metric)
     stats = paired_drift(reference, scores)
     reference_accuracy = round(100.0 * sum(reference) / len(reference), 2)
 
@@ -175,18 +187,11 @@ def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQ
     aspect_of = {r.image: r.aspect for r in records}
     embeddings = embedding_agreement(runtime, model, processor.image_processor, [images[n] for n in picked],
                                      [aspect_of[n] for n in picked])
-    verdict = gate(stats["drift"], max_drop)
-    verdict["min_embedding_cosine"] = min_embedding_cosine
-    embeddings_pass = embeddings["mean"] >= min_embedding_cosine
-    reasons = [] if verdict["passed"] else [f"accuracy drift {stats['drift']:+.2f} points beyond -{max_drop}"]
-    if not embeddings_pass:
-        reasons.append(f"image embedding cosine {embeddings['mean']:.4f} below {min_embedding_cosine}"
-                       + (f" (known issue: {known_issue})" if known_issue else ""))
-    verdict["passed"] = bool(verdict["passed"] and embeddings_pass)
     result = {
-        "format": fmt, "tier": tier,
+        "format": fmt, "tier": tier, "vqa_metric": vqa_metric,
         "vqa_accuracy": accuracy["vqa_accuracy"], "reference_accuracy": reference_accuracy,
         **stats,
+        "agreement": agreement,
         "by_question_type": {"accuracy": accuracy["by_question_type"],
                              "drift": drift_by(records, reference, scores, "question_type")},
         "by_aspect": {"accuracy": accuracy["by_aspect"], "drift": drift_by(records, reference, scores, "aspect")},
@@ -194,15 +199,17 @@ def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQ
         "preprocessing": preprocessing_check(runtime, model, processor.image_processor,
                                              _first_per_aspect(records, images)),
         "artifact_bytes": artifact_bytes,
-        "threshold": {"max_drop": max_drop, "min_embedding_cosine": min_embedding_cosine},
-        "passed": verdict["passed"],
+        **({"budget": budget} if budget is not None else {}),
     }
-    if reasons:
-        result["failure_reason"] = "; ".join(reasons)
-    if known_issue and not embeddings_pass:
-        result["known_issue"] = known_issue
-    log.info("%s-%s: %.2f%% vs reference %.2f%% (drift %+.2f, 95%% CI %+.2f..%+.2f, flips %.1f%%), "
-             "embedding cosine %.4f: %s in %.1fs", tier, fmt, result["vqa_accuracy"], reference_accuracy,
-             stats["drift"], *stats["drift_ci95"], 100 * stats["flip_rate"], embeddings["mean"],
-             "pass" if result["passed"] else "FAIL", time.perf_counter() - started)
+    result.update(verdict(result, thresholds, reference_metrics["vqa_accuracy"],
+                          reference_metrics["blind_baseline"]["vqa_accuracy"], known_issue))
+    log.info("%s-%s: %.2f%% vs reference %.2f%% (drift %+.2f, 95%% CI %+.2f..%+.2f, flips %.1f%%), answers agree "
+             "%.1f%%, first token top-1 %.1f%% KL %.4f, embedding cosine %.4f: %s in %.1fs", tier, fmt,
+             result["vqa_accuracy"], reference_accuracy, stats["drift"], *stats["drift_ci95"],
+             100 * stats["flip_rate"], 100 * agreement["answers"], 100 * agreement["first_token_top1"],
+             agreement["first_token_kl"], embeddings["mean"],
+             "pass" if result["passed"] else f"FAIL ({result['failure_reason']})", time.perf_counter() - started)
+    if agreement["truncated_answers"]:
+        log.warning("%s-%s: %d of %d answers hit the %d-token cap without EOS", tier, fmt,
+                    agreement["truncated_answers"], len(records), max_new_tokens)
     return result

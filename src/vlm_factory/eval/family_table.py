@@ -33,8 +33,11 @@ def family_table(model_name: str, model_dir: Path, metrics_dir: Path) -> dict:
             "format": verdict["format"], "tier": verdict["tier"], "vqa_accuracy": verdict["vqa_accuracy"],
             "drift": verdict["drift"], "drift_ci95": verdict["drift_ci95"], "flip_rate": verdict["flip_rate"],
             "embedding_cosine": verdict["image_embedding_cosine"]["mean"],
+            "answer_agreement": verdict["agreement"]["answers"],
+            "first_token_kl": verdict["agreement"]["first_token_kl"],
             "artifact_bytes": verdict["artifact_bytes"], "threshold": verdict["threshold"],
-            "passed": verdict["passed"]}
+            "passed": verdict["passed"], **({"failure_reason": verdict["failure_reason"]}
+                                            if "failure_reason" in verdict else {})}
     published = _read(metrics_dir / "publish.json").get("releases", {}) if (metrics_dir / "publish.json").is_file() else {}
     processor = family.load_processor(model_dir)
     return {"model": model_name, "family": family.name, "variant": family.variant,
@@ -50,12 +53,14 @@ def family_markdown(table: dict) -> str:
     """The table as README markdown: one row per (tier, format)."""
     lines = [f"{table['model']} ({table['variant']}): reference {table['reference_accuracy']:.2f} %, "
              f"blind baseline {table['blind_baseline']:.2f} %", "",
-             "| target | accuracy | drift (95 % CI) | flips | emb. cosine | MiB | gate |", "| --- |" + " --- |" * 6]
+             "| target | accuracy | drift (95 % CI) | flips | answers agree | 1st-token KL | emb. cosine | MiB | gate |",
+             "| --- |" + " --- |" * 8]
     for name, t in table["targets"].items():
         low, high = t["drift_ci95"]
+        verdict = "pass" if t["passed"] else f"FAIL: {t.get('failure_reason', '')}"
         lines.append(f"| {name} | {t['vqa_accuracy']:.2f} % | {t['drift']:+.2f} ({low:+.2f}, {high:+.2f}) | "
-                     f"{100 * t['flip_rate']:.1f} % | {t['embedding_cosine']:.4f} | {t['artifact_bytes'] / 2**20:.1f} | "
-                     f"{'pass' if t['passed'] else 'FAIL'} (≤ {t['threshold']['max_drop']}) |")
+                     f"{100 * t['flip_rate']:.1f} % | {100 * t['answer_agreement']:.1f} % | {t['first_token_kl']:.4f} | "
+                     f"{t['embedding_cosine']:.4f} | {t['artifact_bytes'] / 2**20:.1f} | {verdict} |")
     for name, reason in table.get("refused", {}).items():
-        lines.append(f"| {name} | refused: {reason} |" + " |" * 5)
+        lines.append(f"| {name} | refused: {reason} |" + " |" * 7)
     return "\n".join(lines) + "\n"

@@ -1,8 +1,8 @@
 """Parity statistics: how an artifact's answers compare with the reference model's, question by question.
 
-Format-agnostic: every runtime adapter produces per-question VQA scores on the same eval
-questions as `reference_eval`, and this module turns the two score lists into the drift, its
-paired confidence interval, the flip rate and the gate verdict that publishing reads.
+Format-agnostic: every runtime adapter produces per-question answers on the same eval questions as
+`reference_eval`, and this module turns the two into the drift, its paired confidence interval, the flip
+rate and the agreement measures that the gate (eval/gates.py) judges.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
+
 from vlm_factory.data.records import VQARecord
+from vlm_factory.eval.vqa_metric import normalize_answer
 
 # A question counts as answered correctly when its soft score is at least this (3 of 10 annotators
 # agreeing gives 0.9; a wrong answer usually scores 0 or 0.3).
@@ -46,23 +49,27 @@ def drift_by(records: Sequence[VQARecord], reference: Sequence[float], artifact:
     return {k: round(sum(v) / len(v), 3) for k, v in sorted(groups.items())}
 
 
-def gate(drift: float, max_drop: float) -> dict:
-    """The verdict: an artifact passes when it loses at most `max_drop` points against the reference."""
-    if max_drop < 0:
-        raise ValueError(f"max_drop must be a non-negative number of points, got {max_drop}")
-    return {"passed": drift >= -max_drop, "max_drop": max_drop}
+def answer_agreement(reference: Sequence[str], artifact: Sequence[str]) -> float:
+    """Share of questions whose normalised answer equals the reference model's own: agreement with the model,
+    meaningful whatever its accuracy (a wrong weight changes a random model's answers too)."""
+    if len(reference) != len(artifact) or not reference:
+        raise ValueError(f"need the same, non-zero number of answers ({len(reference)} vs {len(artifact)})")
+    return sum(normalize_answer(r) == normalize_answer(a) for r, a in zip(reference, artifact)) / len(reference)
 
 
-def gate_table(results: dict[str, dict]) -> str:
-    """One line per target, failures first: drift against its max drop, embedding cosine against its floor."""
-    rows = sorted(results.items(), key=lambda kv: (kv[1]["passed"], kv[0]))
-    width = max((len(name) for name in results), default=6)
-    lines = [f"{'target':<{width}}  verdict  drift (95% CI)            max drop  emb. cosine (floor)"]
-    for name, v in rows:
-        low, high = v["drift_ci95"]
-        threshold = v["threshold"]
-        cos = v["image_embedding_cosine"]["mean"]
-        lines.append(f"{name:<{width}}  {'pass' if v['passed'] else 'FAIL':<7}  {v['drift']:+7.2f} "
-                     f"({low:+.2f}, {high:+.2f})  {threshold['max_drop']:8.2f}  "
-                     f"{cos:.4f} ({threshold['min_embedding_cosine']:.4f})")
-    return "\n".join(lines)
+def first_token_agreement(reference_log_probs: np.ndarray, artifact_logits: np.ndarray) -> tuple[bool, float]:
+    """(same top-1 token, KL(reference || artifact) in nats) of one question's first-token distributions.
+
+    A runtime may carry more output rows than the reference (a padded vocabulary): both are compared
+    over the rows they share, each renormalised there.
+    """
+    n = min(len(reference_log_probs), len(artifact_logits))
+    ref = _log_softmax(np.asarray(reference_log_probs[:n], dtype=np.float64))
+    art = _log_softmax(np.asarray(artifact_logits[:n], dtype=np.float64))
+    kl = float(np.sum(np.exp(ref) * (ref - art)))
+    return bool(np.argmax(ref) == np.argmax(art)), max(kl, 0.0)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())

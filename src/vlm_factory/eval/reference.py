@@ -16,10 +16,11 @@ from pathlib import Path
 
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import VQARecord
-from vlm_factory.eval.generate import answer_questions
+from vlm_factory.eval.generate import answer_questions, generate_answers
 from vlm_factory.eval.report import accuracy_report
 from vlm_factory.eval.vqa_metric import normalize_answer, vqa_score
 from vlm_factory.families import family_for
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,15 @@ def blind_answers(train: list[VQARecord], questions: list[VQARecord]) -> list[st
     return answers
 
 
-def score(records: list[VQARecord], predictions: list[str]) -> tuple[list[float], dict]:
-    scores = [vqa_score(p, r.answers) for p, r in zip(predictions, records)]
+def score(records: list[VQARecord], predictions: list[str], mode: str = "official") -> tuple[list[float], dict]:
+    """Per-question VQA scores (eval/vqa_metric.py, `mode` official or normalized) and their report."""
+    scores = [vqa_score(p, r.answers, mode) for p, r in zip(predictions, records)]
     return scores, accuracy_report(scores, [r.question_type for r in records], [r.aspect for r in records])
 
 
 def evaluate_reference(model, processor, records: list[VQARecord],
                        data_dir: Path, train_records: list[VQARecord], batch_size: int = 64,
-                       ) -> tuple[dict, list[dict]]:
+                       vqa_metric: str = "official", max_new_tokens: int = MAX_ANSWER_TOKENS) -> tuple[dict, list[dict]]:
     """Metrics (reference, blind, centre crop) and per-question predictions for later parity checks."""
     started = time.perf_counter()
     image_cache: dict[str, object] = {}
@@ -57,16 +59,21 @@ def evaluate_reference(model, processor, records: list[VQARecord],
     images = [image_cache[r.image] for r in records]
     questions = [r.question for r in records]
 
-    predictions = answer_questions(model, processor, images, questions, batch_size, progress="reference answers")
-    scores, metrics = score(records, predictions)
-    _, blind = score(records, blind_answers(train_records, records))
+    answers = generate_answers(model, processor, images, questions, batch_size, progress="reference answers",
+                               max_new_tokens=max_new_tokens)
+    predictions = [a.text for a in answers]
+    scores, metrics = score(records, predictions, vqa_metric)
+    metrics["vqa_metric"] = vqa_metric
+    metrics["truncated_answers"] = sum(a.truncated for a in answers)
+    metrics["max_answer_tokens"] = max_new_tokens
+    _, blind = score(records, blind_answers(train_records, records), vqa_metric)
     metrics["blind_baseline"] = {k: blind[k] for k in ("vqa_accuracy", "by_question_type")}
     alternative = family_for(model.config).alternative_preprocessing(processor.image_processor)
     if alternative is not None:  # what the model's own preprocessing buys over the plausible mistake
         name, gain_key, image_processor = alternative
         other_predictions = answer_questions(model, processor, images, questions, batch_size,
                                              image_processor=image_processor, progress=f"{name} answers")
-        _, other = score(records, other_predictions)
+        _, other = score(records, other_predictions, vqa_metric)
         metrics[name] = {k: other[k] for k in ("vqa_accuracy", "by_aspect")}
         metrics[gain_key] = {aspect: round(metrics["by_aspect"][aspect] - other["by_aspect"][aspect], 2)
                              for aspect in metrics["by_aspect"]}

@@ -1,10 +1,14 @@
-"""VQA accuracy as the official VQAv2 evaluation computes it.
+"""VQA accuracy as the official VQAv2 evaluation computes it (GT-Vision-Lab/VQA, vqaEval.py on master).
 
-Answers are normalised (punctuation, number words, articles, contractions) and scored against
-ten human answers: for each of the ten leave-one-out subsets of nine, min(1, matches / 3),
-averaged. One deliberate difference: the official script normalises only when the annotators
-disagree (VQAv2's stored answers are already normalised); our records keep the annotators' raw
-spelling, so both sides are always normalised. On VQAv2 data the two give the same scores.
+A prediction is scored against ten human answers: for each of the ten leave-one-out subsets of nine,
+min(1, matches / 3), averaged. Two modes (`eval.vqa_metric`):
+- `official` (the default): the script's logic, quirks included. Tabs and newlines become spaces and
+  both sides are stripped; only when the human answers are not all identical are both sides normalised
+  (punctuation, then lower case, number words, articles, contractions). So with ten identical human
+  answers "Red" does not match "red". Its period stripping removes at most 32 periods (the script passes
+  `re.UNICODE`, 32, where `re.sub` takes its count).
+- `normalized`: both sides always normalised, for data whose human answers keep raw spellings
+  (hub datasets without VQAv2's own cleaning); symmetric, so "Red" matches ten "red".
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "f
               "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# The script's lookbehind is misspelt as a lookahead, "(?!<=": kept, since it is what scores VQAv2.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_OFFICIAL_PERIOD_COUNT = 32  # re.UNICODE, passed as re.sub's count by the script
+VQA_METRICS = ("official", "normalized")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
@@ -57,7 +64,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_OFFICIAL_PERIOD_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -69,18 +76,27 @@ def _process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+def _strip_whitespace(answer: str) -> str:
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer: str) -> str:
     """The official normalisation: whitespace, punctuation, then lower case, numbers, articles, contractions."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    return _process_digit_article(_process_punctuation(_strip_whitespace(answer)))
 
 
-def vqa_score(prediction: str, human_answers: Sequence[str]) -> float:
-    """Soft accuracy in [0, 1]: mean over leave-one-out subsets of min(1, matches / 3)."""
+def vqa_score(prediction: str, human_answers: Sequence[str], mode: str = "official") -> float:
+    """Soft accuracy in [0, 1]: mean over leave-one-out subsets of min(1, matches / 3); `mode` in VQA_METRICS."""
     if not human_answers:
         raise ValueError("a VQA question needs at least one human answer")
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in human_answers]
+    if mode == "official":
+        pred, gts = _strip_whitespace(prediction), [_strip_whitespace(a) for a in human_answers]
+        if len(set(gts)) > 1:
+            pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
+    elif mode == "normalized":
+        pred, gts = normalize_answer(prediction), [normalize_answer(a) for a in human_answers]
+    else:
+        raise ValueError(f"unknown VQA metric mode {mode!r}; one of {', '.join(VQA_METRICS)}")
     scores = []
     for held_out in range(len(gts)):
         matches = sum(1 for i, gt in enumerate(gts) if i != held_out and gt == pred)

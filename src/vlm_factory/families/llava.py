@@ -199,7 +199,7 @@ class LlavaFamily(ModelFamily):
                             "patches (ggml-org/llama.cpp#25814): the embedding gate fails them and says so. "
                             "llama.cpp letterboxes non-square images for 'mlp' projectors; a checkpoint whose "
                             "processor stretches them instead (SiglipImageProcessor, as llava-interleave ships) "
-                            "sees other pixels there: the parity's preprocessing check reports it (cosine "
+                            "sees other pixels there: the parity's preprocessing gate fails it (cosine "
                             "0.92 tall / 0.97 wide on the shrunk llava-interleave)"}
     variants_refused = ("towers other than SigLIP and CLIP", "LLMs other than Llama and Qwen2",
                         "several feature layers (a list in vision_feature_layer)",

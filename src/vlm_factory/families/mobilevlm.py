@@ -116,7 +116,7 @@ class MobileVLMFamily(ModelFamily):
                             "is built for it); the pinned llama.cpp orders the CLIP tower's CLS token after the "
                             "patches (ggml-org/llama.cpp#25814): the embedding gate fails the export and says so. "
                             "llama.cpp resizes a non-square image and then pads it, MobileVLM pads and then "
-                            "resizes: the parity's preprocessing check reports it (cosine 0.97 tall / 0.98 wide "
+                            "resizes: the parity's preprocessing gate fails it (cosine 0.97 tall / 0.98 wide "
                             "on the shrunk MobileVLM V2)"}
     variants_refused = ("projectors other than LDPv2 (mm_projector_type 'ldpnetv2')",
                         "towers other than CLIP, or whose patch grid has an odd side",

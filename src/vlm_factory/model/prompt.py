@@ -13,12 +13,26 @@ did not within the time budget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 IMAGE_TOKEN = "<image>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
-# Greedy answers are short words; every runtime stops here at the latest.
+# Greedy answers are short words; every runtime stops here at the latest (eval.max_answer_tokens may
+# lower it for an evaluation).
 MAX_ANSWER_TOKENS = 8
+
+
+@dataclass
+class Answer:
+    """One greedy answer as a model or runtime produced it."""
+
+    text: str
+    first_logits: np.ndarray  # [vocab]: the logits the first answer token was chosen from
+    truncated: bool  # stopped at the answer-length cap, not at EOS
 
 # The Jinja chat template saved with the bundled bases: it renders exactly `user_prompt` (a test checks).
 CHAT_TEMPLATE = (

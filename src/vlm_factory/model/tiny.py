@@ -1,4 +1,5 @@
-"""Builders for the tiny LLaVA-style base: config, tokenizer and processor, all in HF format.
+"""Builders for the tiny bases (LLaVA, MobileVLM V2, SmolVLM / Idefics3): config, tokenizer and
+processor, all in HF format.
 
 The dimensions are chosen for the exporters downstream: LLM rows are multiples of 256 (K-quants),
 vision rows multiples of 32 (Q8_0), the vision MLP is wider than its hidden size (clip.cpp swaps
@@ -10,9 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -40,6 +46,15 @@ from vlm_factory.model.prompt import (
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN]
+# The tokens an Idefics3 processor writes around each view's image tokens (runtime/tiling.py), and the
+# paragraph break before the global view: SmolLM2's BPE has it as one token, and libmtmd looks it up as one.
+SMOLVLM_MARKERS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+PARAGRAPH = "\n\n"
+
+
+def smolvlm_grid_tokens(tiles_per_side: int) -> list[str]:
+    """The `<row_r_col_c>` token of every tile position."""
+    return [f"<row_{r}_col_{c}>" for r in range(1, tiles_per_side + 1) for c in range(1, tiles_per_side + 1)]
 
 
 def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
@@ -58,16 +73,21 @@ def tokenizer_corpus(n_scenes: int = 3000) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (llama.cpp: tokenizer.ggml.model=gpt2), exactly `vocab_size` tokens long."""
+def build_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = (),
+                    extra_plain: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (llama.cpp: tokenizer.ggml.model=gpt2), exactly `vocab_size` tokens long.
+
+    `extra_special`: a family's own special tokens (Idefics3's markers); `extra_plain`: strings that must be
+    single, non-special tokens (Idefics3's paragraph break)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+        vocab_size=vocab_size - len(extra_plain), special_tokens=SPECIAL_TOKENS + list(extra_special), min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tok.add_tokens([AddedToken(text, normalized=False, special=False) for text in extra_plain])
     # The corpus is small: pad the vocabulary with unused reserved tokens so its length is exact.
     missing = vocab_size - tok.get_vocab_size()
     if missing < 0:
@@ -81,6 +101,8 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
         extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left", model_max_length=256,
     )
+    if extra_special:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_special)})
     assert len(fast) == vocab_size, (len(fast), vocab_size)
     return fast
 
@@ -107,6 +129,47 @@ def build_processor(arch: ArchitectureConfig) -> LlavaProcessor:
     )
 
 
+def build_smolvlm_image_processor(tile: int, tiles_per_side: int, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+                                  resample: int = 1) -> Idefics3ImageProcessorPil:
+    """Idefics3's splitting: the longest edge resized to `tiles_per_side` tiles, cut into `tile`-px tiles,
+    plus the whole image as one tile (the PIL processor, which runtime/tiling.py reproduces bit for bit)."""
+    return Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": tile * tiles_per_side}, max_image_size={"longest_edge": tile},
+        resample=resample, do_image_splitting=True, image_mean=list(image_mean), image_std=list(image_std))
+
+
+def build_smolvlm_processor(arch: ArchitectureConfig) -> Idefics3Processor:
+    tokenizer = build_tokenizer(arch.vocab_size, extra_special=(*SMOLVLM_MARKERS, *smolvlm_grid_tokens(arch.tiles_per_side)),
+                                extra_plain=(PARAGRAPH,))
+    side = arch.image_size // arch.patch_size // arch.scale_factor
+    return Idefics3Processor(image_processor=build_smolvlm_image_processor(arch.image_size, arch.tiles_per_side),
+                             tokenizer=tokenizer, image_seq_len=side * side, chat_template=CHAT_TEMPLATE)
+
+
+def llama_fields(arch: ArchitectureConfig, tokenizer) -> dict:
+    """The Llama LLM's config keys (a LlamaConfig's, or a MobileVLM config's top level)."""
+    return dict(
+        hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_kv_heads, vocab_size=arch.vocab_size,
+        max_position_embeddings=arch.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_smolvlm_config(arch: ArchitectureConfig, processor: Idefics3Processor) -> Idefics3Config:
+    """SmolVLM's layout: a SigLIP-style tower on one tile, pixel shuffle, a linear connector, a Llama."""
+    tok = processor.tokenizer
+    vision = Idefics3VisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=arch.vision_intermediate,
+        num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size, patch_size=arch.patch_size,
+    )
+    return Idefics3Config(vision_config=vision, text_config=LlamaConfig(**llama_fields(arch, tok)),
+                          scale_factor=arch.scale_factor, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                          tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+
+
 def build_config(arch: ArchitectureConfig, processor: LlavaProcessor) -> LlavaConfig:
     tok = processor.tokenizer
     vision = SiglipVisionConfig(
@@ -114,13 +177,7 @@ def build_config(arch: ArchitectureConfig, processor: LlavaProcessor) -> LlavaCo
         num_hidden_layers=arch.vision_layers, num_attention_heads=arch.vision_heads,
         image_size=arch.image_size, patch_size=arch.patch_size, vision_use_head=False,
     )
-    text = LlamaConfig(
-        hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
-        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_kv_heads, vocab_size=arch.vocab_size,
-        max_position_embeddings=arch.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    text = LlamaConfig(**llama_fields(arch, tok))
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
@@ -140,12 +197,7 @@ def build_mobilevlm_config(arch: ArchitectureConfig, processor: LlavaProcessor):
         image_size=arch.image_size, patch_size=arch.patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5,
     )
     return MobileVLMConfig(
-        hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
-        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_kv_heads, vocab_size=arch.vocab_size,
-        max_position_embeddings=arch.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        vision_config=vision.to_dict(), image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        **llama_fields(arch, tok), vision_config=vision.to_dict(), image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         mm_hidden_size=arch.vision_hidden, mm_projector_type="ldpnetv2", mm_vision_select_layer=-2,
         mm_vision_select_feature="patch", mm_vision_tower="tiny-clip", image_aspect_ratio="pad",
         mm_use_im_start_end=False, vision_tower_type="clip", architectures=["MobileLlamaForCausalLM"],
@@ -156,9 +208,11 @@ def build_model(arch: ArchitectureConfig, seed: int):
     """A randomly initialised tiny base of `arch.family` and its processor (deterministic for a seed)."""
     import torch
 
-    processor = build_processor(arch)
+    processor = build_smolvlm_processor(arch) if arch.family == "idefics3" else build_processor(arch)
     torch.manual_seed(seed)
-    if arch.family == "mobilevlm":
+    if arch.family == "idefics3":
+        model = Idefics3ForConditionalGeneration(build_smolvlm_config(arch, processor))
+    elif arch.family == "mobilevlm":
         from vlm_factory.model.mobilevlm import MobileVLMForCausalLM
 
         model = MobileVLMForCausalLM(build_mobilevlm_config(arch, processor))

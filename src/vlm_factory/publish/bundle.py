@@ -99,7 +99,8 @@ def build_manifest(bundle: Bundle, *, version: str, entries: dict[str, dict], mo
         if name.startswith("parity/"):
             result = json.loads(path.read_text(encoding="utf-8"))
             parity[result["format"]] = {k: result[k] for k in ("vqa_accuracy", "reference_accuracy", "drift",
-                                                              "drift_ci95", "flip_rate", "passed", "threshold")}
+                                                              "drift_ci95", "flip_rate", "agreement", "passed",
+                                                              "threshold")}
         elif name.endswith("/" + EXPORT_REPORT):
             tools[name.split("/")[0]] = json.loads(path.read_text(encoding="utf-8")).get("tools", {})
     return {

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from vlm_factory.errors import GateFailed
-from vlm_factory.eval.parity import gate_table
+from vlm_factory.eval.gates import gate_table
 
 
 def parity_verdicts(targets: dict[str, dict], parity_dir: Path) -> dict[str, dict | None]:

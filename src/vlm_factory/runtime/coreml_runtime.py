@@ -25,7 +25,7 @@ naming coreml_config.json and the key; a package coremltools cannot read is one 
 from __future__ import annotations
 
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from vlm_factory.errors import UserError, first_line
 from vlm_factory.families.base import ImageViews
 from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
 from vlm_factory.runtime.artifact_schema import FIX, CoremlConfig, config_error, parse_config
 from vlm_factory.runtime.coreml_weights import read_package_weights
 from vlm_factory.runtime.preprocess import config_image_views
@@ -275,11 +276,15 @@ class CoreMLRuntime:
                          **self.family.generation_pixels([views]))
         return out.logits[0, -1].numpy().copy()
 
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
+    def iter_answers(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None,
+                     max_new_tokens: int = MAX_ANSWER_TOKENS) -> Iterator[Answer]:
         """Greedy answers, exactly as the reference computes them, with the artifact's weights."""
-        from vlm_factory.eval.generate import answer_questions
+        from vlm_factory.eval.generate import generate_answers
 
-        answers = answer_questions(self.model, self.processor, images, questions)
+        answers = generate_answers(self.model, self.processor, images, questions, max_new_tokens=max_new_tokens)
         if progress is not None:
             progress.update(len(answers))
-        return answers
+        yield from answers
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
+        return [a.text for a in self.iter_answers(images, questions, progress)]

@@ -22,7 +22,6 @@ would be fed as token -1, so it is refused when the pair is opened.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,9 @@ from PIL import Image
 
 from vlm_factory.errors import UserError
 from vlm_factory.families.base import PromptSpec
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
 from vlm_factory.runtime.gguf_check import check_llamacpp_pair
-from vlm_factory.runtime.prompting import greedy_tokens
+from vlm_factory.runtime.prompting import AnswersOneByOne, greedy_decode
 
 
 KV_CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
@@ -39,7 +39,7 @@ KV_CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_
 IDEFICS3_LAYOUT_TOKENS = ("\n", "\n\n", "<fake_token_around_image>", "<global-img>")
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(AnswersOneByOne):
     """A loaded LLM + mmproj pair.
 
     `kv_cache` is the KV-cache type the device will use (a tier's kv_cache_dtype); "f32" keeps
@@ -188,16 +188,11 @@ class LlamaCppRuntime:
         self._prefill(image, question)
         return self._last_logits()
 
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
-        """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
-        answers = []
-        for image, question in zip(images, questions, strict=True):
-            self._prefill(image, question)
-            tokens = greedy_tokens(self._last_logits(), self._step, self._eos)
-            answers.append(self._llm.detokenize(tokens).decode("utf-8", errors="replace").strip())
-            if progress is not None:
-                progress.update(1)
-        return answers
+    def answer_one(self, image: Image.Image, question: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> Answer:
+        self._prefill(image, question)
+        decoded = greedy_decode(self._last_logits(), self._step, self._eos, max_new_tokens)
+        text = self._llm.detokenize(decoded.tokens).decode("utf-8", errors="replace").strip()
+        return Answer(text, decoded.first_logits, decoded.truncated)
 
     def image_views(self, image: Image.Image) -> list[np.ndarray]:
         """The mmproj's output for each view libmtmd makes of one image, in prompt order (one view for an

@@ -34,11 +34,13 @@ from PIL import Image
 from vlm_factory.errors import UserError, first_line
 from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 from vlm_factory.runtime.artifact_schema import FIX, GenaiConfig, OnnxModel, read_runtime_config
 from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_image_views
-from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
+from vlm_factory.runtime.prompting import (Decoded, TokenizerAnswers, check_special_tokens, greedy_decode,
+                                          prompt_token_ids)
 
 # The exporter's name for it (export/onnx_graphs.py); runtimes never import exporters.
 GENAI_CONFIG = "genai_config.json"
@@ -163,7 +165,7 @@ def check_graphs(sessions: dict, paths: dict[str, Path], model: OnnxModel, confi
         check(_GraphCheck(sessions[role], paths[role], config_path), model)
 
 
-class OnnxRuntime:
+class OnnxRuntime(TokenizerAnswers):
     """The three graphs of an ONNX export, one InferenceSession each, behind the adapter interface."""
 
     def __init__(self, artifact_dir: Path | str, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -270,8 +272,8 @@ class OnnxRuntime:
         """Logits over the vocabulary for the first answer token."""
         return self._prefill(image, question)[0].copy()
 
-    def answer_tokens(self, image: Image.Image, question: str) -> list[int]:
-        """The greedy answer's token ids (EOS not included), at most MAX_ANSWER_TOKENS."""
+    def decode(self, image: Image.Image, question: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> Decoded:
+        """The greedy answer for one (image, question), stopped at EOS or after `max_new_tokens`."""
         logits, past, length = self._prefill(image, question)
         state = {"past": past, "length": length}
 
@@ -281,14 +283,4 @@ class OnnxRuntime:
             state["length"] += 1
             return logits
 
-        return greedy_tokens(logits, step, self._eos)
-
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
-        """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
-        answers = []
-        for image, question in zip(images, questions, strict=True):
-            tokens = self.answer_tokens(image, question)
-            answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
-            if progress is not None:
-                progress.update(1)
-        return answers
+        return greedy_decode(logits, step, self._eos, max_new_tokens)

@@ -9,12 +9,16 @@ checks the config's token ids against the export's own tokenizer before anything
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from vlm_factory.errors import UserError
 from vlm_factory.families.base import PromptSpec
-from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
+from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
 from vlm_factory.runtime.artifact_schema import EosIds, PromptSection, Schema, config_error, parse_config
 
 PROMPT_FIELDS = ("template", "image_token", "image_token_repeat", "answer", "add_special_tokens")
@@ -59,18 +63,61 @@ def check_special_tokens(prompt: PromptSpec, tokenizer, source: Path | str, *, i
         raise config_error(source, eos_key, f"{sorted(eos)[:4]} lacks the tokenizer's EOS id {tokenizer_eos}")
 
 
-def greedy_tokens(logits: np.ndarray, step, eos: set[int]) -> list[int]:
+@dataclass
+class Decoded:
+    tokens: list[int]  # EOS not included
+    first_logits: np.ndarray  # the prompt's last logits, which chose the first token
+    truncated: bool  # the cap stopped it, not EOS
+
+
+def greedy_decode(logits: np.ndarray, step, eos: set[int], max_new_tokens: int = MAX_ANSWER_TOKENS) -> Decoded:
     """Greedy answer tokens from the prompt's last logits; `step(token)` returns the next logits.
 
-    Stops at EOS or after MAX_ANSWER_TOKENS, like the reference, without running the decoder once more.
+    Stops at EOS or after `max_new_tokens`, like the reference, without running the decoder once more.
     """
-    tokens: list[int] = []
-    for _ in range(MAX_ANSWER_TOKENS):
+    first, tokens = np.array(logits, dtype=np.float32, copy=True), []
+    for _ in range(max_new_tokens):
         token = int(np.argmax(logits))
         if token in eos:
-            break
+            return Decoded(tokens, first, truncated=False)
         tokens.append(token)
-        if len(tokens) == MAX_ANSWER_TOKENS:
+        if len(tokens) == max_new_tokens:
             break
         logits = step(token)
-    return tokens
+    return Decoded(tokens, first, truncated=True)
+
+
+class AnswersOneByOne:
+    """`answer` and `iter_answers` for an adapter that answers one (image, question) at a time with
+    `answer_one(image, question, max_new_tokens) -> Answer`, as an app on a device does."""
+
+    def answer_one(self, image: Image.Image, question: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> Answer:
+        raise NotImplementedError
+
+    def iter_answers(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None,
+                     max_new_tokens: int = MAX_ANSWER_TOKENS) -> Iterator[Answer]:
+        for image, question in zip(images, questions, strict=True):
+            yield self.answer_one(image, question, max_new_tokens)
+            if progress is not None:
+                progress.update(1)
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
+        """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
+        return [a.text for a in self.iter_answers(images, questions, progress)]
+
+
+class TokenizerAnswers(AnswersOneByOne):
+    """For an adapter whose `decode(image, question, max_new_tokens) -> Decoded` runs its own graphs and whose
+    `tokenizer` is the export's (ONNX, TFLite): the answer's text is that tokenizer's decoding."""
+
+    def decode(self, image: Image.Image, question: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> Decoded:
+        raise NotImplementedError
+
+    def answer_tokens(self, image: Image.Image, question: str) -> list[int]:
+        """The greedy answer's token ids (EOS not included), at most MAX_ANSWER_TOKENS."""
+        return self.decode(image, question).tokens
+
+    def answer_one(self, image: Image.Image, question: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> Answer:
+        decoded = self.decode(image, question, max_new_tokens)
+        return Answer(self.tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip(), decoded.first_logits,
+                      decoded.truncated)

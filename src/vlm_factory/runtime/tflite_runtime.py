@@ -23,7 +23,6 @@ MAX_ANSWER_TOKENS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,8 @@ from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 from vlm_factory.runtime.artifact_schema import FIX, TfliteConfig, TfliteModel, config_error, read_runtime_config
 from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.preprocess import config_image_views
-from vlm_factory.runtime.prompting import check_special_tokens, greedy_tokens, prompt_token_ids
+from vlm_factory.runtime.prompting import (Decoded, TokenizerAnswers, check_special_tokens, greedy_decode,
+                                          prompt_token_ids)
 
 TFLITE_CONFIG = "tflite_config.json"  # the exporter's name for it; runtimes never import exporters
 TOKENIZER = "the export's tokenizer (tokenizer.json, tokenizer_config.json)"
@@ -121,7 +121,7 @@ def _decoder_signature(interpreter, path: Path, model: TfliteModel, config_path:
     return check.runner
 
 
-class TFLiteRuntime:
+class TFLiteRuntime(TokenizerAnswers):
     """The TFLite export behind the adapter interface: signature runners for vision, prefill, decode."""
 
     def __init__(self, artifact_dir: Path | str, num_threads: int | None = 2):
@@ -239,8 +239,8 @@ class TFLiteRuntime:
         """Logits over the vocabulary for the first answer token."""
         return np.array(self._prefill(image, question)[0], copy=True)
 
-    def answer_tokens(self, image: Image.Image, question: str) -> list[int]:
-        """Greedy answer token ids for one (image, question), EOS excluded, at most MAX_ANSWER_TOKENS."""
+    def decode(self, image: Image.Image, question: str, max_new_tokens: int = MAX_ANSWER_TOKENS) -> Decoded:
+        """The greedy answer for one (image, question), stopped at EOS or after `max_new_tokens`."""
         logits, cache, length = self._prefill(image, question)
         state = {"cache": cache, "length": length}
 
@@ -249,14 +249,4 @@ class TFLiteRuntime:
             state["length"] += 1
             return logits
 
-        return greedy_tokens(logits, step, self._eos)
-
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], progress=None) -> list[str]:
-        """Greedy answers, one per (image, question), at most MAX_ANSWER_TOKENS tokens each."""
-        answers = []
-        for image, question in zip(images, questions, strict=True):
-            tokens = self.answer_tokens(image, question)
-            answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
-            if progress is not None:
-                progress.update(1)
-        return answers
+        return greedy_decode(logits, step, self._eos, max_new_tokens)
