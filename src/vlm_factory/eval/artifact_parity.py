@@ -1,15 +1,16 @@
 """Run one exported artifact, in its own runtime, through the parity gate against the reference model.
 
 Every format uses this: a runtime adapter answers the reference's eval questions and encodes
-images; this module pairs its per-question scores with the reference's, measures how close its
-image embeddings are to the PyTorch model's, checks its preprocessing on square, tall and wide
-images, and returns the verdict dict written to `metrics/parity/<tier>-<format>.json`.
+images; this module pairs its per-question scores and answers with the reference's, compares its
+first-token distributions with the PyTorch model's on every question, measures how close its image
+embeddings are to the PyTorch model's, checks its preprocessing on square, tall and wide images, and
+returns the result with eval/gates.py's verdict, written to `metrics/parity/<tier>-<format>.json`.
 
 A runtime adapter provides `iter_answers(images, questions, progress, max_new_tokens)` (each answer with
-its first-token logits) and `image_embeddings(image)`;
-one that exposes its pixel input also provides `pixel_values(image)` (compared with the
-reference processor's directly), otherwise preprocessing is checked through the embeddings of the
-raw image against those of the reference processor's own pixels fed to the same runtime.
+its first-token logits) and `image_embeddings(image)`; one that exposes its pixel input also provides
+`pixel_values(image)` (compared with the reference processor's directly), otherwise preprocessing is
+checked through the embeddings of the raw image against those of the reference processor's own pixels
+fed to the same runtime.
 """
 
 from __future__ import annotations
@@ -167,8 +168,9 @@ def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQ
     """The parity verdict of one artifact (see the module docstring; eval/gates.py judges it).
 
     `reference_metrics`: reference_eval's metrics (its accuracy and blind baseline say whether accuracy
-    can tell anything here). `budget`: budget.artifact_budget for the target's tier (gated when given). `known_issue` is a runtime defect the model family knows this artifact hits
-    (family.known_issue): it never passes the gate, it only says why the embedding check fails.
+    can tell anything here). `budget`: budget.artifact_budget for the target's tier (gated when given).
+    `known_issue` is a runtime defect the model family knows this artifact hits (family.known_issue): it
+    never passes the gate, it only says why an embedding check fails.
     """
     started = time.perf_counter()
     reference, reference_texts = reference_answers(reference_predictions, records)
