@@ -209,7 +209,8 @@ def test_int8_tied_qwen2_against_transformers(tmp_path_factory, synthetic_data, 
 
 
 def _one_weight_negated(src, dst) -> str:
-    """A copy of the fp32 export whose decoder has one weight matrix negated (the first MLP down projection)."""
+    """A copy of the fp32 export whose decoder has one weight matrix negated: the first MLP down projection,
+    found by its shape (MatMul's [intermediate, hidden]; the optimised graph's initializer names are opaque)."""
     import shutil
 
     import onnx
@@ -217,8 +218,7 @@ def _one_weight_negated(src, dst) -> str:
 
     shutil.copytree(src, dst)
     graph = onnx.load(str(dst / "text.onnx"))
-    target = next(t for t in graph.graph.initializer
-                  if "down_proj" in t.name or ("mlp" in t.name and len(t.dims) == 2))
+    target = next(t for t in graph.graph.initializer if len(t.dims) == 2 and t.dims[0] > t.dims[1])
     target.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(target), target.name))
     onnx.save(graph, str(dst / "text.onnx"))
     return target.name
