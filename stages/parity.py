@@ -41,10 +41,10 @@ def main(argv=None) -> None:
         write_json(refused_target(args.format, args.tier, reason), args.out)
         return
     family, model, processor = load_model(args.model)
-    context = min(tier.context_tokens, family.text.max_positions)
     size = artifact_bytes(args.artifact)
     budget = artifact_budget(family, args.tier, tier, size, processor)
-    with open_runtime(args.format, args.artifact, context_tokens=context, kv_cache=tier.kv_cache_dtype) as runtime:
+    with open_runtime(args.format, args.artifact, context_tokens=budget["context_tokens"],
+                      kv_cache=tier.kv_cache_dtype) as runtime:
         reference_metrics = read_json(args.reference_metrics, missing=f"{args.reference_metrics}: not found; run "
                                       "the reference_eval stage", fix="run the reference_eval stage again")
         result = evaluate_artifact(

@@ -36,8 +36,6 @@ KV_DTYPE_BYTES: dict[str, Fraction] = {
     "f32": Fraction(4), "f16": Fraction(2), "bf16": Fraction(2),
     "q8_0": Fraction(34, 32), "q4_0": Fraction(18, 32),
 }
-# Question and answer text kept free next to the images in the context.
-TEXT_TOKENS_RESERVED = 64
 
 
 def _known(values) -> str:
@@ -92,12 +90,12 @@ def _weight_bits(fmt: str, settings: dict, counts: dict[str, int], tier_name: st
 
 
 def _format_budget(weights_bytes: int, kv_per_token: Fraction, budget_bytes: int, context: int,
-                   image_tokens: int, max_positions: int) -> dict[str, Any]:
+                   image_tokens: int, max_positions: int, text_tokens: int) -> dict[str, Any]:
     kv_at_context = math.ceil(kv_per_token * context)
     total = weights_bytes + kv_at_context
     free = budget_bytes - weights_bytes
     tokens_in_memory = min(max_positions, math.floor(free / kv_per_token)) if free > 0 else 0
-    images = (context - TEXT_TOKENS_RESERVED) // image_tokens if image_tokens > 0 else 0
+    images = (context - text_tokens) // image_tokens if image_tokens > 0 else 0
     return {
         "weights_bytes": weights_bytes,
         "weights_bytes_in_memory": weights_bytes,  # every format here is memory-mapped as stored
@@ -133,7 +131,8 @@ def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig, process
     for fmt, settings in tier.formats.items():
         bits, chosen = _weight_bits(fmt, dict(settings), counts, tier_name)
         formats[fmt] = {"settings": chosen, **_format_budget(
-            math.ceil(bits / 8), kv_per_token, budget_bytes, context, image_tokens, max_positions)}
+            math.ceil(bits / 8), kv_per_token, budget_bytes, context, image_tokens, max_positions,
+            tier.min_text_tokens)}
     return {
         "tier": tier_name,
         "description": tier.description,

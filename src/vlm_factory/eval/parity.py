@@ -64,12 +64,13 @@ def first_token_agreement(reference_log_probs: np.ndarray, artifact_logits: np.n
     over the rows they share, each renormalised there.
     """
     n = min(len(reference_log_probs), len(artifact_logits))
-    ref = _log_softmax(np.asarray(reference_log_probs[:n], dtype=np.float64))
-    art = _log_softmax(np.asarray(artifact_logits[:n], dtype=np.float64))
+    ref = log_softmax(reference_log_probs[:n])
+    art = log_softmax(artifact_logits[:n])
     kl = float(np.sum(np.exp(ref) * (ref - art)))
     return bool(np.argmax(ref) == np.argmax(art)), max(kl, 0.0)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of one vector of logits, in float64 (stable: the maximum is subtracted first)."""
+    shifted = np.asarray(logits, dtype=np.float64) - np.max(logits)
     return shifted - np.log(np.exp(shifted).sum())

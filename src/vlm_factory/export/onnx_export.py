@@ -41,6 +41,7 @@ from vlm_factory.artifacts import EXPORT_REPORT
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import read_jsonl
 from vlm_factory.errors import UserError
+from vlm_factory.eval.parity import log_softmax
 from vlm_factory.export.tool_versions import package_versions
 from vlm_factory.export.onnx_graphs import (GENAI_CONFIG, ONNX_TOOLS, OPSET, SELF_CHECK_ATOL, describe_onnx,
                                             export_onnx_fp32)
@@ -132,12 +133,6 @@ def _check_optimised(raw: dict[str, Path], optimised: dict[str, Path], genai: di
     return diffs
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
 def _vision_features(path: Path, pixels: np.ndarray) -> np.ndarray:
     """The vision graph on every view, VISION_BATCH views per run (tiles of many images at once would not fit)."""
     return np.concatenate([run_graph(path, {"pixel_values": pixels[start:start + VISION_BATCH]})[0]
@@ -164,8 +159,8 @@ def _compare_with_fp32(reference_dir: Path, artifact_dir: Path, pixels: np.ndarr
         diffs, agree = [], 0
         with OnnxRuntime(reference_dir) as ref_rt, OnnxRuntime(artifact_dir) as rt:
             for image, question in questions:
-                expected = _log_softmax(ref_rt.first_token_logits(image, question))
-                got = _log_softmax(rt.first_token_logits(image, question))
+                expected = log_softmax(ref_rt.first_token_logits(image, question))
+                got = log_softmax(rt.first_token_logits(image, question))
                 top = int(expected.argmax())
                 diffs.append(abs(float(got[top] - expected[top])))
                 agree += int(got.argmax()) == top
