@@ -27,6 +27,9 @@ from typing import Any, ClassVar
 from vlm_factory.errors import UserError
 
 FORMATS = ("gguf", "onnx", "coreml", "tflite")
+# The parts of a VLM a precision is chosen for (per-component settings, attribution, search), in
+# pipeline order. "projector" is what CheckpointKey calls the connector.
+COMPONENTS = ("vision", "projector", "llm")
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,15 @@ class ModelFamily(ABC):
     @abstractmethod
     def checkpoint_key(self, key: str) -> CheckpointKey | None:
         """Place a safetensors key in its component (None: not part of what is exported)."""
+
+    def component_of(self, name: str) -> str | None:
+        """"vision" | "projector" | "llm" for a parameter name or a module path of the loaded model (the
+        names torch and the exporters' metadata carry), None for what belongs to no component. The loaded
+        model's names take the same prefixes as the checkpoint's keys, so `checkpoint_key` decides."""
+        placed = self.checkpoint_key(name if name.endswith(".") else name + ".")
+        if placed is None:
+            return None
+        return "projector" if placed.component == "connector" else placed.component
 
     @abstractmethod
     def preprocessing(self, processor) -> dict:
