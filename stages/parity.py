@@ -3,19 +3,14 @@
 import argparse
 from pathlib import Path
 
-from vlm_factory.artifacts import artifact_bytes
-from vlm_factory.budget import artifact_budget
 from vlm_factory.config import load_params, target_settings
-from vlm_factory.data.records import read_jsonl
 from vlm_factory.errors import GateFailed, exits_cleanly
-from vlm_factory.eval.artifact_parity import evaluate_artifact
+from vlm_factory.eval.bench import Bench
 from vlm_factory.eval.gates import gate_table, gate_thresholds
 from vlm_factory.export.targets import refused_target
 from vlm_factory.families import family_of
-from vlm_factory.io import read_json, write_json
+from vlm_factory.io import write_json
 from vlm_factory.logs import setup_logging
-from vlm_factory.model.checkpoint import load_model
-from vlm_factory.runtime.open import open_runtime
 
 
 @exits_cleanly
@@ -35,24 +30,14 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     settings = target_settings(params, args.format, args.tier, args.params)
     thresholds = gate_thresholds(params.eval, args.format, args.tier, settings)
-    tier = params.tiers[args.tier]
     reason = family_of(args.model).format_refusal(args.format)
     if reason is not None:  # nothing was exported (stage export): nothing to gate, nothing to publish
         write_json(refused_target(args.format, args.tier, reason), args.out)
         return
-    family, model, processor = load_model(args.model)
-    size = artifact_bytes(args.artifact)
-    budget = artifact_budget(family, args.tier, tier, size, processor)
-    with open_runtime(args.format, args.artifact, context_tokens=budget["context_tokens"],
-                      kv_cache=tier.kv_cache_dtype) as runtime:
-        reference_metrics = read_json(args.reference_metrics, missing=f"{args.reference_metrics}: not found; run "
-                                      "the reference_eval stage", fix="run the reference_eval stage again")
-        result = evaluate_artifact(
-            runtime, fmt=args.format, tier=args.tier, records=read_jsonl(args.data / "eval.jsonl"), data_dir=args.data,
-            reference_predictions=args.reference, reference_metrics=reference_metrics, model=model,
-            processor=processor, thresholds=thresholds, artifact_bytes=size, budget=budget,
-            embedding_images=params.eval.embedding_images, max_new_tokens=params.eval.max_answer_tokens,
-            vqa_metric=params.eval.vqa_metric, known_issue=family.known_issue(args.format))
+    bench = Bench(params, args.tier, model_dir=args.model, data_dir=args.data, reference_predictions=args.reference,
+                  reference_metrics=args.reference_metrics)
+    result = bench.evaluate(args.format, args.artifact, thresholds)
+    result["attribution"] = bench.attribute(args.format, settings, target=result)
     write_json(result, args.out)
     if not result["passed"]:
         raise GateFailed(gate_table({f"{args.tier}-{args.format}": result}))

@@ -31,3 +31,24 @@ def reference_answers(model, processor, records, data_dir: Path) -> list[str]:
 
     return answer_questions(model, processor, [load_image(data_dir / r.image) for r in records],
                             [r.question for r in records])
+
+
+def bundled_reference(root: Path, data_dir: Path, out_dir: Path, blind_accuracy: float = 30.0) -> dict:
+    """The bundled tiny base as the reference of `data_dir`'s eval split, written as reference_eval writes it:
+    its own answers and scores (predictions.jsonl) and metrics (reference.json; `blind_accuracy` stands in
+    for the blind baseline). Returns the model directory, loaded model and processor, records and paths."""
+    from vlm_factory.data.records import read_jsonl
+    from vlm_factory.eval.reference import score
+    from vlm_factory.model.checkpoint import load_model
+
+    model_dir = root / "models" / "tiny-llava-siglip"
+    _, model, processor = load_model(model_dir)
+    records = read_jsonl(data_dir / "eval.jsonl")
+    answers = reference_answers(model, processor, records, data_dir)
+    scores, accuracy = score(records, answers)
+    predictions = write_reference(out_dir / "predictions.jsonl", records, answers, scores)
+    metrics = out_dir / "reference.json"
+    metrics.write_text(json.dumps({"vqa_accuracy": accuracy["vqa_accuracy"],
+                                   "blind_baseline": {"vqa_accuracy": blind_accuracy}}))
+    return {"model_dir": model_dir, "model": model, "processor": processor, "records": records,
+            "predictions": predictions, "metrics": metrics}

@@ -131,7 +131,7 @@ def test_budget_fields_for_tiny_model():
     total_params = param_counts(config)["total"]
     onnx = budget["formats"]["onnx"]
     assert budget["visual_tokens_per_image"] == 16
-    assert onnx["settings"] == {"precision": "int8"}
+    assert onnx["settings"] == {"vision": "int8", "projector": "int8", "llm": "int8"}  # `precision` for each
     assert onnx["weights_bytes"] == total_params  # int8: one byte per weight
     assert onnx["weights_bytes_in_memory"] == onnx["weights_bytes"]
     assert onnx["total_bytes"] == onnx["weights_bytes"] + 256 * budget["kv_cache_bytes_per_token"]

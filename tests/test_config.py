@@ -26,14 +26,19 @@ def test_params_parse_into_the_typed_schema(root):
 
 
 def _declared_params(root, params):
-    """(stage, params key) for every stage, `foreach` stages expanded over their params dict."""
+    """(stage, params key) for every stage, `foreach` stages expanded over their params dict (`${key}` and
+    `${item.<field>}` substituted as DVC does)."""
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     for name, stage in dvc["stages"].items():
         if "foreach" in stage:
             source = OmegaConf.select(params, stage["foreach"].strip("${}"))
             for item in source:
+                fields = source[item] if OmegaConf.is_dict(source[item]) else {}
                 for key in stage["do"].get("params", []):
-                    yield f"{name}@{item}", key.replace("${key}", item)
+                    key = key.replace("${key}", item)
+                    for field, value in fields.items():
+                        key = key.replace(f"${{item.{field}}}", str(value))
+                    yield f"{name}@{item}", key
         else:
             for key in stage.get("params", []):
                 yield name, key

@@ -198,7 +198,8 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
     """
     from vlm_factory.data.images import load_image
     from vlm_factory.data.records import read_jsonl
-    from vlm_factory.eval.artifact_parity import cosine, evaluate_artifact, reference_pixels_as_image
+    from vlm_factory.eval.artifact_parity import (ReferenceSide, cosine, evaluate_artifact,
+                                                  reference_pixels_as_image)
     from vlm_factory.model.checkpoint import load_model
     from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
 
@@ -221,10 +222,11 @@ def test_clip_mmproj_is_failed_by_the_gate_with_the_known_issue(tmp_path, clip_l
         llama_cpp_graph = family.project(model, cls_last_graph(family, tower, pixels))[0].numpy()
     with LlamaCppRuntime(llm, mmproj, prompt=family.prompt(processor)) as runtime:
         actual = runtime.image_embeddings(image)
-        result = evaluate_artifact(runtime, fmt="gguf", tier="t", records=records, data_dir=synthetic_data,
-                                   reference_predictions=reference, reference_metrics=UNINFORMATIVE_REFERENCE,
-                                   model=model, processor=processor, thresholds=thresholds, artifact_bytes=0,
-                                   embedding_images=8, known_issue=note)
+        result = evaluate_artifact(runtime, fmt="gguf", tier="t",
+                                   reference=ReferenceSide.load(records, synthetic_data, reference, model, processor,
+                                                                embedding_images=8),
+                                   reference_metrics=UNINFORMATIVE_REFERENCE, thresholds=thresholds, artifact_bytes=0,
+                                   known_issue=note)
     print(f"CLIP mmproj: cosine {cosine(actual, llama_cpp_graph):.7f} with the CLS-last graph, "
           f"{result['image_embedding_cosine']['mean']:.4f} with transformers (floor {floor})")
     assert cosine(actual, llama_cpp_graph) > 0.99999  # measured 0.9999999

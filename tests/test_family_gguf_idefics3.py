@@ -332,7 +332,7 @@ def test_parity_gate_passes_smolvlm(loaded, packages, synthetic_data, root, tmp_
 
     from vlm_factory.data.images import load_image
     from vlm_factory.data.records import read_jsonl
-    from vlm_factory.eval.artifact_parity import evaluate_artifact
+    from vlm_factory.eval.artifact_parity import ReferenceSide, evaluate_artifact
     from vlm_factory.eval.generate import answer_questions
     from vlm_factory.eval.reference import score
     from vlm_factory.runtime.open import open_runtime
@@ -349,10 +349,11 @@ def test_parity_gate_passes_smolvlm(loaded, packages, synthetic_data, root, tmp_
     # Opened as the parity stage opens it: the export report's prompt (with its image layout) and files.
     with open_runtime("gguf", llm.parent, context_tokens=family.visual_tokens(processor) + 64, kv_cache="f16",
                       isolated=False) as runtime:
-        result = evaluate_artifact(runtime, fmt="gguf", tier="t", records=records, data_dir=synthetic_data,
-                                   reference_predictions=reference, reference_metrics=UNINFORMATIVE_REFERENCE,
-                                   model=model, processor=processor, thresholds=thresholds,
-                                   artifact_bytes=report["total_bytes"], embedding_images=8)
+        result = evaluate_artifact(runtime, fmt="gguf", tier="t",
+                                   reference=ReferenceSide.load(records, synthetic_data, reference, model, processor,
+                                                                embedding_images=8),
+                                   reference_metrics=UNINFORMATIVE_REFERENCE, thresholds=thresholds,
+                                   artifact_bytes=report["total_bytes"])
         ours = runtime.answer(images, [r.question for r in records])
     agree = sum(a == b for a, b in zip(ours, answers))
     print(f"{setting}: embedding cosine {result['image_embedding_cosine']}, preprocessing "

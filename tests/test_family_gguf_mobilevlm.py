@@ -237,7 +237,7 @@ def test_parity_gate_fails_mobilevlm_with_the_known_issue(loaded, packages, synt
     """The whole gate on the synthetic eval split, its configured floor: the export runs, answers, and fails on
     the embeddings, naming the family's known issue."""
     from vlm_factory.data.records import read_jsonl
-    from vlm_factory.eval.artifact_parity import evaluate_artifact
+    from vlm_factory.eval.artifact_parity import ReferenceSide, evaluate_artifact
     from vlm_factory.runtime.open import open_runtime
 
     family, model, processor = loaded
@@ -252,10 +252,11 @@ def test_parity_gate_fails_mobilevlm_with_the_known_issue(loaded, packages, synt
     # Opened as the parity stage opens it: the export report's prompt and files. The shrunk 320-token vocabulary
     # spells the v1 system prompt nearly letter by letter: 309 prompt tokens, 144 of them the image's.
     with open_runtime("gguf", llm.parent, context_tokens=512, kv_cache="f16", isolated=False) as runtime:
-        result = evaluate_artifact(runtime, fmt="gguf", tier="t", records=records, data_dir=synthetic_data,
-                                   reference_predictions=reference, reference_metrics=UNINFORMATIVE_REFERENCE,
-                                   model=model, processor=processor, thresholds=thresholds,
-                                   artifact_bytes=report["total_bytes"], embedding_images=8, known_issue=note)
+        result = evaluate_artifact(runtime, fmt="gguf", tier="t",
+                                   reference=ReferenceSide.load(records, synthetic_data, reference, model, processor,
+                                                                embedding_images=8),
+                                   reference_metrics=UNINFORMATIVE_REFERENCE, thresholds=thresholds,
+                                   artifact_bytes=report["total_bytes"], known_issue=note)
     cosines = result["image_embedding_cosine"]
     print(f"gate: embedding cosine {cosines}, preprocessing "
           f"{ {k: v['cosine'] for k, v in result['preprocessing'].items()} }")

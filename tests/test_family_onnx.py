@@ -232,17 +232,18 @@ def test_gate_fails_a_decoder_with_one_wrong_weight_though_the_random_model_scor
     from parity_inputs import UNINFORMATIVE_REFERENCE, configured_thresholds, reference_answers, write_reference
 
     from vlm_factory.data.records import read_jsonl
-    from vlm_factory.eval.artifact_parity import evaluate_artifact
+    from vlm_factory.eval.artifact_parity import ReferenceSide, evaluate_artifact
     from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 
     v = variant
     records = read_jsonl(synthetic_data / "eval.jsonl")[:24]
     answers = reference_answers(v.model, v.processor, records, synthetic_data)
     reference = write_reference(tmp_path / "predictions.jsonl", records, answers)
-    gate = dict(fmt="onnx", tier="t", records=records, data_dir=synthetic_data, reference_predictions=reference,
-                reference_metrics=UNINFORMATIVE_REFERENCE, model=v.model, processor=v.processor,
-                thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}), artifact_bytes=0,
-                embedding_images=4)
+    gate = dict(fmt="onnx", tier="t",
+                reference=ReferenceSide.load(records, synthetic_data, reference, v.model, v.processor,
+                                             embedding_images=4),
+                reference_metrics=UNINFORMATIVE_REFERENCE,
+                thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}), artifact_bytes=0)
     faithful = evaluate_artifact(v.runtime, **gate)
     negated = _one_weight_negated(v.out, tmp_path / "broken")
     with OnnxRuntime(tmp_path / "broken") as runtime:

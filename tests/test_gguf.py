@@ -333,7 +333,7 @@ def test_clip_tower_is_caught_by_the_parity_embedding_check(tmp_path, small_arch
                                                            root):
     """llama.cpp puts CLIP's CLS token after the patches: the export loads and runs, the gate must say no."""
     from vlm_factory.config import load_params
-    from vlm_factory.eval.artifact_parity import embedding_agreement
+    from vlm_factory.eval.artifact_parity import embedding_agreement, reference_embeddings
     from vlm_factory.model.checkpoint import load_checkpoint
     from vlm_factory.runtime.llama_cpp import LlamaCppRuntime
 
@@ -346,8 +346,8 @@ def test_clip_tower_is_caught_by_the_parity_embedding_check(tmp_path, small_arch
         write_mmproj_gguf(checkpoint, mm)
         model, processor = load_checkpoint(checkpoint)
         with LlamaCppRuntime(llm, mm) as runtime:
-            agreement[name] = embedding_agreement(runtime, model, processor.image_processor, images,
-                                                  ["square", "tall", "wide"])["mean"]
+            expected = reference_embeddings(model, processor.image_processor, images)
+            agreement[name] = embedding_agreement(runtime, images, expected, ["square", "tall", "wide"])["mean"]
     print(f"image embedding cosine vs transformers: {agreement} (gate floor {floor})")
     assert agreement["siglip"] >= floor  # the same check passes a tower llama.cpp runs faithfully
     assert agreement["clip"] < floor

@@ -260,7 +260,7 @@ def test_gate_fails_a_centre_crop_package_on_aspect_and_preprocessing(exported, 
 
     from vlm_factory.data.images import load_image
     from vlm_factory.data.records import read_jsonl
-    from vlm_factory.eval.artifact_parity import evaluate_artifact
+    from vlm_factory.eval.artifact_parity import ReferenceSide, evaluate_artifact
     from vlm_factory.eval.generate import answer_questions
     from vlm_factory.eval.reference import blind_answers, score
     from vlm_factory.families.llava import image_preprocessing
@@ -273,11 +273,12 @@ def test_gate_fails_a_centre_crop_package_on_aspect_and_preprocessing(exported, 
                                [r.question for r in records])
     scores, accuracy = score(records, answers)
     _, blind = score(records, blind_answers(read_jsonl(synthetic_data / "train.jsonl"), records))
-    gate = dict(fmt="onnx", tier="t", records=records, data_dir=synthetic_data,
-                reference_predictions=write_reference(tmp_path / "predictions.jsonl", records, answers, scores),
+    predictions = write_reference(tmp_path / "predictions.jsonl", records, answers, scores)
+    gate = dict(fmt="onnx", tier="t",
+                reference=ReferenceSide.load(records, synthetic_data, predictions, model, processor,
+                                             embedding_images=12),
                 reference_metrics={"vqa_accuracy": accuracy["vqa_accuracy"], "blind_baseline": blind},
-                model=model, processor=processor, thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}),
-                artifact_bytes=0, embedding_images=12)
+                thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}), artifact_bytes=0)
     cropping = tmp_path / "centre-crop"
     shutil.copytree(exported[0], cropping)
     config = json.loads((cropping / "genai_config.json").read_text())

@@ -1,7 +1,8 @@
 """The per-tier ONNX export (export/onnx_export.py): optimised fp32, INT8 and FP16 graphs.
 
 The bundled base is exported once per precision (module-scoped fixtures, ~15 s each on 2 cores):
-fp32 (optimised, the reference adapter for answer agreement), int8 with the ORT format, fp16. The
+fp32 (optimised, the reference adapter for answer agreement), int8 with the ORT format, fp16, and two
+exports with one component reduced (the projector in int8, the vision encoder in fp16). The
 INT8 and FP16 graphs are compared with PyTorch (vision features, first-token log-probabilities) and
 with the fp32 export (greedy answers). Floors and tolerances are stated per constant with what was
 measured on the bundled base and the conftest synthetic data (onnxruntime 1.31.1, x86 CPU).
@@ -33,13 +34,23 @@ FP16_LOGPROB_ATOL = 5e-3     # measured 1.7e-4
 FP16_ANSWER_AGREEMENT = 0.95  # measured 72/72
 # Optimised fp32 (fusions + ORT_ENABLE_EXTENDED) vs PyTorch, first-token logits max abs diff: measured 6.2e-6.
 FP32_LOGITS_ATOL = 1e-4
+# One component reduced, image embeddings vs the fp32 export's (OnnxRuntime.image_embeddings, 36 eval images).
+# Projector int8: only its two 256x256 MatMuls are quantized (per-channel weights, per-tensor activations):
+# per-image cosine min measured 0.999886, i.e. 1 - cosine 1.1e-4, against 7.7e-4 for the whole vision graph in
+# int8 and 5.6e-4 for the encoder alone (12 of these images). The floor allows 4x what was measured and sits
+# above what a quantized encoder gives, so an export quantizing the wrong component fails it.
+PROJECTOR_INT8_IMAGE_COSINE = 0.9995
+# Vision fp16: float16 keeps 11 bits (relative rounding 4.9e-4 per op) through two encoder layers; measured
+# max |diff| 5.22e-4 of the features' max |value| (cosine 0.9999999), as for the full fp16 graph: 4x margin.
+VISION_FP16_REL_ATOL = 2e-3
 
 
-def _export(tmp_path_factory, synthetic_data, precision: str, ort_format: bool):
+def _export(tmp_path_factory, synthetic_data, precision: str, ort_format: bool, **components):
     from vlm_factory.export.onnx_export import export_onnx
 
-    out = tmp_path_factory.mktemp(f"onnx-{precision}") / f"onnx-{precision}"
-    report = export_onnx(BUNDLED_BASE, out, TIER, {"precision": precision, "ort_format": ort_format},
+    name = "-".join([f"onnx-{precision}", *(f"{c}-{p}" for c, p in components.items())])
+    out = tmp_path_factory.mktemp(name) / name
+    report = export_onnx(BUNDLED_BASE, out, TIER, {"precision": precision, "ort_format": ort_format, **components},
                          synthetic_data, calibration_images=CALIBRATION_IMAGES)
     return out, report
 
@@ -57,6 +68,16 @@ def int8(tmp_path_factory, synthetic_data):
 @pytest.fixture(scope="module")
 def fp16(tmp_path_factory, synthetic_data):
     return _export(tmp_path_factory, synthetic_data, "fp16", False)
+
+
+@pytest.fixture(scope="module")
+def projector_int8(tmp_path_factory, synthetic_data):
+    return _export(tmp_path_factory, synthetic_data, "fp32", False, projector="int8")
+
+
+@pytest.fixture(scope="module")
+def vision_fp16(tmp_path_factory, synthetic_data):
+    return _export(tmp_path_factory, synthetic_data, "fp32", False, vision="fp16")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +203,9 @@ def test_int8_report_lists_fusions_and_quantized_nodes(int8, fp32, reference):
     out, report = int8
     assert read_export_report(out) == json.loads(json.dumps(report))
     assert report["format"] == "onnx" and report["tier"] == TIER and report["precision"] == "int8"
-    assert report["settings"] == {"precision": "int8", "ort_format": True}
+    assert report["settings"] == {"precision": "int8", "ort_format": True, "vision": "int8", "projector": "int8",
+                                  "llm": "int8"}
+    assert report["components"] == {"vision": "int8", "projector": "int8", "llm": "int8"}
     assert report["calibration"]["images"] == CALIBRATION_IMAGES
     text_config = reference[0].config.text_config
     vision_config = reference[0].config.vision_config
@@ -276,6 +299,123 @@ def test_optimised_fp32_matches_torch_and_reports_fusions(fp32, reference, eval_
     assert worst <= FP32_LOGITS_ATOL
 
 
+# -- one component reduced -------------------------------------------------------------------------
+
+def _linear_weights(reference, component: str) -> dict[str, np.ndarray]:
+    """The component's nn.Linear weights as ONNX MatMuls hold them ([in, out]), by module path."""
+    from vlm_factory.families import family_for
+
+    model = reference[0]
+    family = family_for(model.config)
+    return {name: module.weight.detach().numpy().T for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and family.component_of(name) == component}
+
+
+def _weight_initializer(graph, node):
+    """The initializer a node's second input (its weight) is, through the Identity nodes in between."""
+    producers = {output: n for n in graph.node for output in n.output}
+    initializers = {t.name: t for t in graph.initializer}
+    name = node.input[1]
+    while name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    return initializers.get(name)
+
+
+def _embeddings(artifact_dir, eval_records) -> list[np.ndarray]:
+    from vlm_factory.runtime.onnx_runtime import OnnxRuntime
+
+    images = list({id(image): image for image, _ in eval_records}.values())
+    with OnnxRuntime(artifact_dir) as rt:
+        return [rt.image_embeddings(image) for image in images]
+
+
+def test_onnx_settings_fill_components_and_refuse_int8_beside_fp16():
+    from vlm_factory.export.onnx_export import onnx_settings
+
+    assert onnx_settings({"precision": "INT8"}, TIER) == {"precision": "int8", "ort_format": False, "vision": "int8",
+                                                         "projector": "int8", "llm": "int8"}
+    assert onnx_settings({"precision": "fp32", "projector": "int8", "llm": "FP16"}, TIER) == {
+        "precision": "fp32", "ort_format": False, "vision": "fp32", "projector": "int8", "llm": "fp16"}
+    with pytest.raises(UserError, match=rf"key 'targets\.onnx\.{TIER}\.vision' must be one of fp32, fp16, int8; "
+                                        "got 'q8'") as caught:
+        onnx_settings({"precision": "fp32", "vision": "q8"}, TIER)
+    assert "\n" not in str(caught.value)
+    for vision, projector in (("int8", "fp16"), ("fp16", "int8")):
+        with pytest.raises(UserError) as caught:
+            onnx_settings({"precision": "fp32", "vision": vision, "projector": projector}, TIER)
+        message = str(caught.value)
+        assert "\n" not in message and "int8 and fp16" in message and "vision.onnx" in message
+        assert f"'targets.onnx.{TIER}.vision'" in message and f"'targets.onnx.{TIER}.projector'" in message
+    # fp16 in the decoder is fine beside an int8 vision graph: they are different graphs.
+    assert onnx_settings({"precision": "int8", "llm": "fp16"}, TIER)["llm"] == "fp16"
+
+
+def test_projector_int8_quantizes_only_the_projector(projector_int8, fp32, reference, eval_records):
+    import onnx
+    from onnx import numpy_helper
+
+    out, report = projector_int8
+    assert report["components"] == {"vision": "fp32", "projector": "int8", "llm": "fp32"}
+    assert report["precision"] == "fp32" and report["calibration"]["images"] == CALIBRATION_IMAGES
+    vision = report["files"]["vision"]
+    assert vision["precision"] == "int8 (projector), fp32 (vision)"
+    assert {role: f["precision"] for role, f in report["files"].items() if role != "vision"} == {
+        "embedding": "fp32", "text": "fp32"}
+    projector = _linear_weights(reference, "projector")
+    encoder = _linear_weights(reference, "vision")
+    per_component = vision["quantization"]["components"]
+    assert per_component["projector"] == {"quantized_nodes": {"MatMul": len(projector)}, "float_left": {}}
+    # The encoder: none quantized; its Linear layers (and the attention products) and the patch Conv in float.
+    assert per_component["vision"]["quantized_nodes"] == {} and per_component["vision"]["float_left"]["Conv"] == 1
+    assert per_component["vision"]["float_left"]["MatMul"] >= len(encoder) > 0
+    assert vision["quantization"]["quantized_nodes"] == {"MatMul": len(projector)}
+    # The written graph: exactly the projector's weights are int8, each the torch weight within half a step.
+    graph = onnx.load(str(out / "vision.onnx")).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    quantized = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(quantized) == len(projector) == 2
+    assert sum(v.dtype == np.int8 and v.ndim == 2 for v in initializers.values()) == len(projector)
+    for node, weight in zip(quantized, projector.values()):  # graph order is module order: linear_1, linear_2
+        scale = initializers[node.input[3]]
+        assert np.abs(initializers[node.input[1]] * scale - weight).max() <= scale.max() / 2 + 1e-6
+    assert vision["file_bytes"] < fp32[1]["files"]["vision"]["file_bytes"]
+    actual, expected = _embeddings(out, eval_records), _embeddings(fp32[0], eval_records)
+    cosines = np.array([(a * e).sum() / (np.linalg.norm(a) * np.linalg.norm(e)) for a, e in zip(actual, expected)])
+    print(f"projector-only int8 vs the fp32 export: image cosine min {cosines.min():.6f} ({len(cosines)} images)")
+    assert len(cosines) >= 36 and cosines.min() >= PROJECTOR_INT8_IMAGE_COSINE and cosines.max() < 1 - 1e-7
+
+
+def test_vision_fp16_converts_only_the_encoder(vision_fp16, fp32, reference, eval_records):
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    out, report = vision_fp16
+    assert report["components"] == {"vision": "fp16", "projector": "fp32", "llm": "fp32"}
+    vision = report["files"]["vision"]
+    assert vision["precision"] == "fp16 (vision), fp32 (projector)" and report["calibration"] is None
+    projector = _linear_weights(reference, "projector")
+    conversion = vision["conversion"]["components"]
+    assert conversion["projector"] == {"float16": {}, "float32": {"MatMul": len(projector)}}
+    assert conversion["vision"]["float32"] == {} and conversion["vision"]["float16"]["Conv"] == 1
+    # The written graph: every weight-bearing node of the encoder reads a float16 weight, the projector's
+    # MatMuls read float32 weights equal to torch's.
+    graph = onnx.load(str(out / "vision.onnx")).graph
+    weights = [(n, _weight_initializer(graph, n)) for n in graph.node if n.op_type in ("MatMul", "Conv", "Attention")]
+    float32 = [numpy_helper.to_array(w) for _, w in weights if w.data_type == TensorProto.FLOAT]
+    float16 = [w for _, w in weights if w.data_type == TensorProto.FLOAT16]
+    assert len(float32) == len(projector) and all(np.array_equal(a, e) for a, e in zip(float32, projector.values()))
+    assert len(float32) + len(float16) == len(weights) and len(float16) == sum(conversion["vision"]["float16"].values())
+    # No float32 -> float16 -> float32 round trip is left (the converter puts one around each block-listed node).
+    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast"}
+    assert not [n for n in casts.values() if n.input[0] in casts and n.attribute[0].i == TensorProto.FLOAT
+                and casts[n.input[0]].attribute[0].i == TensorProto.FLOAT16]
+    actual, expected = _embeddings(out, eval_records), _embeddings(fp32[0], eval_records)
+    relative = max(float(np.abs(a - e).max() / np.abs(e).max()) for a, e in zip(actual, expected))
+    print(f"vision-only fp16 vs the fp32 export: max |diff| / max |value| {relative:.2e} ({len(actual)} images)")
+    assert 0 < relative <= VISION_FP16_REL_ATOL
+    assert report["total_bytes"] < fp32[1]["total_bytes"]
+
+
 # -- settings and inputs ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("settings, key", [
@@ -285,6 +425,9 @@ def test_optimised_fp32_matches_torch_and_reports_fusions(fp32, reference, eval_
     ({"precision": "int8", "ort_format": "yes"}, "ort_format"),
     ({"precision": "fp16", "ort_format": True}, "ort_format"),
     ({"precision": "int8", "ort_format": True, "per_channel": True}, "per_channel"),
+    ({"precision": "int8", "projector": "int4"}, "projector"),
+    ({"precision": "fp32", "llm": None}, "llm"),
+    ({"precision": "int8", "vision": "fp16", "projector": "fp16", "ort_format": True}, "ort_format"),
 ])
 def test_bad_settings_are_one_line_errors_and_write_nothing(tmp_path, synthetic_data, settings, key):
     from vlm_factory.export.onnx_export import export_onnx

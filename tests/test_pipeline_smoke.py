@@ -37,6 +37,8 @@ TINY = [
     # test_a_failed_gate_stops_with_a_table checks that a gate does stop the stage.
     *_open_gates(),
     "export.calibration_images=4",
+    # Attribution multiplies every parity stage's work; test_parity_attributes_drift_to_components runs it once.
+    "eval.attribution=false",
 ]
 
 
@@ -72,7 +74,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
                   "parity_gguf@android_flagship", "export_onnx@android_budget", "export_onnx@jetson_orin",
                   "parity_onnx@android_flagship", "parity_onnx@jetson_orin", "export_coreml@iphone15pro",
                   "parity_coreml@iphone15pro", "export_tflite@android_flagship", "parity_tflite@android_flagship",
-                  "publish"):
+                  "search@iphone15pro-gguf", "search@iphone15pro-coreml", "search@android_flagship-onnx",
+                  "search@android_flagship-tflite", "publish"):
         assert f"'{stage}'" in out, f"stage {stage} did not run:\n{out[-2000:]}"
     assert "pretrain_base" not in out.split("Running stage")[-1]  # frozen: never rebuilt
 
@@ -104,6 +107,16 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     assert published["releases"]["iphone15pro"]["formats"] == ["coreml", "gguf"]
     verified = _run([sys.executable, "-m", "vlm_factory.cli", "verify", release["uri"]], workspace)
     assert "every file matches" in verified
+    assert parity["attribution"] == {"skipped": "eval.attribution is false (set it true to attribute drift to "
+                                                "components)"}
+    # Open gates: the smallest candidate of each search passes, so each evaluated exactly one.
+    search = json.loads((workspace / "metrics" / "search" / "iphone15pro-gguf.json").read_text())
+    assert len(search["evaluated"]) == 1 and search["winner"] == search["evaluated"][0]
+    assert search["winner"]["precisions"] == {"vision": "Q4_K", "projector": "Q8_0", "llm": "Q2_K"}
+    assert search["override"][-1] == "targets.gguf.iphone15pro.llm=Q2_K"
+    points = json.loads((workspace / "metrics" / "search" / "plots" / "iphone15pro-gguf.json").read_text())
+    assert points[0]["verdict"] == "pass" and points[0]["artifact_mib"] > 0
+    assert (workspace / "metrics" / "search" / "iphone15pro-coreml.png").read_bytes()[:4] == b"\x89PNG"
 
     again = _run(["dvc", "repro"], workspace)
     assert "Running stage" not in again
@@ -134,6 +147,27 @@ def test_a_failed_gate_stops_with_a_table(workspace):
     assert "Traceback" not in result.stderr
     verdict = json.loads(out.read_text())
     assert verdict["passed"] is False and "embedding_cosine" in verdict["failure_reason"]
+
+
+def test_parity_attributes_drift_to_components(workspace):
+    """The parity stage with attribution on (the default's setting): the Q4_K_M / Q8_0 GGUF target's drift split
+    into a vision-only and an LLM-only variant plus the all-F16 floor, each run in llama.cpp."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(workspace / "params.yaml")
+    params.eval.attribution = True
+    attributed = workspace / "attributed-params.yaml"
+    OmegaConf.save(params, attributed)
+    out = workspace / "attributed-verdict.json"
+    _run([sys.executable, "stages/parity.py", "--params", str(attributed), "--format", "gguf", "--tier",
+          "android_budget", "--artifact", "artifacts/export/android_budget/gguf", "--model", "artifacts/finetuned",
+          "--data", "artifacts/data", "--reference", "artifacts/reference/predictions.jsonl",
+          "--reference-metrics", "metrics/reference.json", "--out", str(out)], workspace)
+    attribution = json.loads(out.read_text())["attribution"]
+    assert attribution["reduced"] == ["vision", "llm"] and set(attribution["rows"]) == {"floor", "vision", "llm",
+                                                                                      "target"}
+    assert attribution["rows"]["llm"]["precisions"] == {"vision": "F16", "projector": "F16", "llm": "Q4_K_M"}
+    assert attribution["summary"].startswith("vision ") and "(floor " in attribution["summary"]
 
 
 def test_dvc_exp_run_with_an_override_is_listed_with_params_and_metrics(workspace):

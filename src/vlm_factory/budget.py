@@ -23,13 +23,14 @@ if TYPE_CHECKING:
 # the same rate as the matrices; they are well under 1% of any real model.
 GGUF_BITS: dict[str, float] = {
     "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69,
-    "Q5_K": 5.5, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K": 4.5, "Q4_0": 4.5,
+    "Q5_K": 5.5, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K": 4.5, "Q4_0": 4.5, "Q3_K_M": 3.91, "Q3_K": 3.4375,
+    "Q2_K": 2.96,
 }
 # ONNX / TFLite: one storage type for all weights (int8 = dynamic-range quantised matrices).
 PRECISION_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8}
 # Core ML palettisation: nbits indices per weight; the per-group fp16 look-up tables are ignored
 # (< 0.1% for hidden sizes of 1024 and up). Token embeddings stay at 16 bits.
-COREML_NBITS = (1, 2, 3, 4, 6, 8)
+COREML_BITS: dict[str, int] = {**{str(n): n for n in (1, 2, 3, 4, 6, 8)}, "fp16": 16}
 COREML_EMBEDDING_BITS = 16
 # Bytes per KV-cache element; q8_0 and q4_0 store 32 values plus one fp16 scale per block.
 KV_DTYPE_BYTES: dict[str, Fraction] = {
@@ -70,23 +71,40 @@ def _setting(settings: dict, table, tier_name: str, fmt: str, key: str, normalis
     return known
 
 
+def _component_settings(fmt: str, settings: dict) -> dict[str, tuple[str, object]]:
+    """{component: (the settings key that holds its precision, the value)}: a component's own key, else the
+    format's global one (ONNX/TFLite `precision`, Core ML `nbits`; GGUF names every component)."""
+    default = {"onnx": "precision", "tflite": "precision", "coreml": "nbits"}.get(fmt)
+    return {c: (c, settings.get(c)) if c in settings or default is None else (default, settings.get(default))
+            for c in ("vision", "projector", "llm")}
+
+
 def _weight_bits(fmt: str, settings: dict, counts: dict[str, int], tier_name: str) -> tuple[float, dict]:
-    """Total bits of all weights stored in `fmt`, and the settings that decided it."""
-    llm = counts["llm_embeddings"] + counts["llm_lm_head"] + counts["llm_rest"]
-    if fmt == "gguf":
-        types = {key: _setting(settings, GGUF_BITS, tier_name, fmt, key, lambda v: str(v).upper())
-                 for key in ("llm", "vision", "projector")}
-        bits = (llm * GGUF_BITS[types["llm"]] + counts["vision_tower"] * GGUF_BITS[types["vision"]]
-                + counts["projector"] * GGUF_BITS[types["projector"]])
-        return bits, types
-    if fmt in ("onnx", "tflite"):
-        precision = _setting(settings, PRECISION_BITS, tier_name, fmt, "precision", lambda v: str(v).lower())
-        return counts["total"] * PRECISION_BITS[precision], {"precision": precision}
-    if fmt == "coreml":
-        nbits = _setting(settings, COREML_NBITS, tier_name, fmt, "nbits", lambda v: int(str(v)))
-        embeddings = counts["llm_embeddings"]
-        return embeddings * COREML_EMBEDDING_BITS + (counts["total"] - embeddings) * nbits, {"nbits": nbits}
-    raise UserError(f"key 'targets' names unknown format {fmt!r}; known: {_known(FORMATS)}")
+    """Total bits of all weights stored in `fmt`, and the settings that decided it (per component)."""
+    if fmt not in FORMATS:
+        raise UserError(f"key 'targets' names unknown format {fmt!r}; known: {_known(FORMATS)}")
+    parts = {"vision": counts["vision_tower"], "projector": counts["projector"],
+             "llm": counts["llm_embeddings"] + counts["llm_lm_head"] + counts["llm_rest"]}
+    bits, chosen = 0.0, {}
+    for component, (key, value) in _component_settings(fmt, settings).items():
+        if fmt == "gguf":
+            chosen[component] = _setting({key: value}, GGUF_BITS, tier_name, fmt, key, lambda v: str(v).upper())
+            rate = GGUF_BITS[chosen[component]]
+        elif fmt in ("onnx", "tflite"):
+            chosen[component] = _setting({key: value}, PRECISION_BITS, tier_name, fmt, key, lambda v: str(v).lower())
+            rate = PRECISION_BITS[chosen[component]]
+        else:  # coreml: nbits indices, or an unpalettized (fp16) component; token embeddings stay 16-bit
+            chosen[component] = _setting({key: value}, COREML_BITS, tier_name, fmt, key, _coreml_bits)
+            rate = COREML_BITS[chosen[component]]
+        if fmt == "coreml" and component == "llm":
+            bits += counts["llm_embeddings"] * COREML_EMBEDDING_BITS + (parts["llm"] - counts["llm_embeddings"]) * rate
+        else:
+            bits += parts[component] * rate
+    return bits, chosen
+
+
+def _coreml_bits(value) -> str:
+    return str(value).lower()
 
 
 def _format_budget(weights_bytes: int, kv_per_token: Fraction, budget_bytes: int, context: int,
@@ -109,6 +127,13 @@ def _format_budget(weights_bytes: int, kv_per_token: Fraction, budget_bytes: int
 
 def _jsonable(value: Fraction) -> int | float:
     return int(value) if value.denominator == 1 else float(value)
+
+
+def estimated_weight_bytes(family: "ModelFamily", fmt: str, settings: dict, tier_name: str = "?") -> int:
+    """Bytes the weights of `settings` (one target, any per-component precisions) take in `fmt`, estimated
+    from the parameter counts: what orders the precision search's candidates before any is built."""
+    bits, _ = _weight_bits(fmt, dict(settings), param_counts(family), tier_name)
+    return math.ceil(bits / 8)
 
 
 def tier_budget(family: "ModelFamily", tier_name: str, tier: TierConfig, processor=None) -> dict:

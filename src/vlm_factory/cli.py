@@ -85,6 +85,21 @@ def _family_table(args: argparse.Namespace) -> None:
     print(family_markdown(table), end="")
 
 
+def _search(args: argparse.Namespace) -> None:
+    from vlm_factory.config import load_params
+    from vlm_factory.eval.search import run, table
+    from vlm_factory.io import write_json
+
+    params = load_params(args.params)
+    if args.evaluate:
+        params.search.evaluate = args.evaluate
+    result = run(params, args.tier, args.format, model_dir=Path(args.model), data_dir=Path(args.data),
+                 reference_predictions=Path(args.reference), reference_metrics=Path(args.reference_metrics))
+    if args.out:
+        write_json(result, Path(args.out))
+    print(table(result))
+
+
 def _ask(args: argparse.Namespace) -> None:
     from vlm_factory.data.images import load_image
     from vlm_factory.eval.generate import answer_questions
@@ -151,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--metrics", default="metrics")
     table.add_argument("--params", default="params.yaml")
     table.set_defaults(func=_family_table)
+
+    search = sub.add_parser("search", help="the smallest artifact of a (tier, format) that passes its gate, from "
+                                           "search.grid (needs the reference_eval stage's outputs)")
+    search.add_argument("--tier", required=True)
+    search.add_argument("--format", required=True, choices=["gguf", "onnx", "coreml", "tflite"])
+    search.add_argument("--evaluate", choices=["until_pass", "all"], default=None,
+                        help="stop at the first passing candidate (default: search.evaluate) or evaluate all")
+    search.add_argument("--out", default=None, help="also write the result as JSON here")
+    search.add_argument("--params", default="params.yaml")
+    search.add_argument("--model", default="artifacts/finetuned")
+    search.add_argument("--data", default="artifacts/data")
+    search.add_argument("--reference", default="artifacts/reference/predictions.jsonl")
+    search.add_argument("--reference-metrics", default="metrics/reference.json")
+    search.set_defaults(func=_search)
 
     ask = sub.add_parser("ask", help="ask a model (HF directory) a question about an image")
     ask.add_argument("image")

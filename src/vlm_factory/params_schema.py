@@ -114,6 +114,8 @@ class EvalConfig:
     min_preprocessing_cosine: dict[str, float] = field(default_factory=dict)
     min_informative_margin: float = 10.0
     embedding_images: int = 64
+    # Parity stages also build and run one variant per reduced component (eval/attribution.py).
+    attribution: bool = True
 
 
 @dataclass
@@ -146,6 +148,21 @@ class PublishConfig:
 
 
 @dataclass
+class SearchTarget:
+    tier: str = MISSING
+    format: str = MISSING
+
+
+@dataclass
+class SearchConfig:
+    """The precision search (eval/search.py): one stage search@<key> per entry of `targets`."""
+    targets: dict[str, SearchTarget] = field(default_factory=dict)
+    # format -> component -> the precisions to try (the format's own names: Q4_K_M, int8, 6, fp16...)
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    evaluate: str = "until_pass"  # until_pass | all
+
+
+@dataclass
 class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,3 +173,4 @@ class Params:
     targets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     export: ExportConfig = field(default_factory=ExportConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)

@@ -20,6 +20,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -99,18 +100,6 @@ def reference_embeddings(model, image_processor, images: list[Image.Image]) -> l
             for views in family.image_views(image_processor, images)]
 
 
-def embedding_agreement(runtime: Runtime, model, image_processor, images: list[Image.Image],
-                        aspects: list[str]) -> dict:
-    """Cosine similarity of the runtime's image embeddings with the reference's: mean, min, per aspect."""
-    expected = reference_embeddings(model, image_processor, images)
-    cosines = [cosine(runtime.image_embeddings(image), ref) for image, ref in zip(images, expected)]
-    by_aspect = defaultdict(list)
-    for aspect, value in zip(aspects, cosines):
-        by_aspect[aspect].append(value)
-    return {"mean": round(float(np.mean(cosines)), 6), "min": round(float(np.min(cosines)), 6),
-            "n_images": len(images), "by_aspect": {k: round(float(np.mean(v)), 6) for k, v in sorted(by_aspect.items())}}
-
-
 def preprocessing_check(runtime: Runtime, model, image_processor, samples: dict[str, Image.Image]) -> dict:
     """Per aspect (square, tall, wide): does the runtime see the pixels the reference processor makes?"""
     family = family_for(model.config)
@@ -141,30 +130,100 @@ def _first_per_aspect(records: list[VQARecord], images: dict[str, Image.Image]) 
     return dict(sorted(samples.items()))
 
 
-def run_answers(runtime: Runtime, label: str, model, processor, images: list[Image.Image], questions: list[str],
-                max_new_tokens: int) -> tuple[list[str], dict]:
+@dataclass
+class ReferenceSide:
+    """Everything a parity measurement compares an artifact with, computed once per stage: the eval records
+    and images, the reference model's scores and answers (reference_eval's predictions), its first-token
+    log-probs on every question and its image embeddings on the embedding sample. A parity stage measures
+    the target and every attribution variant against the same object; a search, every candidate."""
+
+    records: list[VQARecord]
+    images: dict[str, Image.Image]
+    scores: list[float]
+    answers: list[str]
+    first_token_log_probs: list[np.ndarray]
+    embedding_images: list[Image.Image]
+    embedding_aspects: list[str]
+    embeddings: list[np.ndarray]
+    model: object
+    processor: object
+
+    @classmethod
+    def load(cls, records: list[VQARecord], data_dir: Path, reference_predictions: Path, model, processor,
+             embedding_images: int = 64) -> "ReferenceSide":
+        scores, answers = reference_answers(reference_predictions, records)
+        images = {name: load_image(data_dir / name) for name in dict.fromkeys(r.image for r in records)}
+        log_probs = first_token_log_probs(model, processor, [images[r.image] for r in records],
+                                          [r.question for r in records], progress="reference first-token logits")
+        # Embeddings on a sample spread evenly over the eval images (they are ordered by generation).
+        names = list(images)
+        picked = names[:: max(1, len(names) // embedding_images)][:embedding_images]
+        aspect_of = {r.image: r.aspect for r in records}
+        sample = [images[n] for n in picked]
+        return cls(records, images, scores, answers, list(log_probs), sample, [aspect_of[n] for n in picked],
+                   reference_embeddings(model, processor.image_processor, sample), model, processor)
+
+    @property
+    def accuracy(self) -> float:
+        return round(100.0 * sum(self.scores) / len(self.scores), 2)
+
+
+def run_answers(runtime: Runtime, label: str, reference: ReferenceSide, max_new_tokens: int) -> tuple[list[str], dict]:
     """The runtime's answers, and how its first-token distributions agree with the reference model's on every
     question (top-1 share, mean KL) and how many answers the length cap cut."""
-    expected = first_token_log_probs(model, processor, images, questions, progress=f"{label} reference logits")
+    records = reference.records
     answers, top1, kls, truncated = [], 0, [], 0
-    with tqdm(total=len(questions), desc=f"{label} answers", unit="q") as progress:
-        for index, answer in enumerate(runtime.iter_answers(images, questions, progress, max_new_tokens)):
-            same, kl = first_token_agreement(expected[index], answer.first_logits)
+    with tqdm(total=len(records), desc=f"{label} answers", unit="q") as progress:
+        for index, answer in enumerate(runtime.iter_answers([reference.images[r.image] for r in records],
+                                                            [r.question for r in records], progress, max_new_tokens)):
+            same, kl = first_token_agreement(reference.first_token_log_probs[index], answer.first_logits)
             answers.append(answer.text)
             top1 += same
             kls.append(kl)
             truncated += answer.truncated
-    stats = {"first_token_top1": round(top1 / len(questions), 4), "first_token_kl": round(float(np.mean(kls)), 6),
+    stats = {"first_token_top1": round(top1 / len(records), 4), "first_token_kl": round(float(np.mean(kls)), 6),
              "first_token_kl_max": round(float(np.max(kls)), 6), "truncated_answers": truncated,
              "max_answer_tokens": max_new_tokens}
     return answers, stats
 
 
-def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQARecord], data_dir: Path,
-                      reference_predictions: Path, reference_metrics: dict, model, processor,
-                      thresholds: GateThresholds, artifact_bytes: int, embedding_images: int = 64,
-                      max_new_tokens: int = MAX_ANSWER_TOKENS, vqa_metric: str = "official",
-                      budget: dict | None = None, known_issue: str | None = None) -> dict:
+def embedding_agreement(runtime: Runtime, images: list[Image.Image], expected: list[np.ndarray],
+                        aspects: list[str]) -> dict:
+    """Cosine similarity of the runtime's image embeddings with the reference's (`expected`, from
+    reference_embeddings): mean, min, per aspect."""
+    cosines = [cosine(runtime.image_embeddings(image), ref) for image, ref in zip(images, expected)]
+    by_aspect = defaultdict(list)
+    for aspect, value in zip(aspects, cosines):
+        by_aspect[aspect].append(value)
+    return {"mean": round(float(np.mean(cosines)), 6), "min": round(float(np.min(cosines)), 6),
+            "n_images": len(cosines), "by_aspect": {k: round(float(np.mean(v)), 6) for k, v in sorted(by_aspect.items())}}
+
+
+def measure(runtime: Runtime, reference: ReferenceSide, label: str, *, max_new_tokens: int = MAX_ANSWER_TOKENS,
+            vqa_metric: str = "official") -> dict:
+    """What one runtime computes against the reference: accuracy and paired drift (overall, per question
+    type, per aspect), agreement with the reference's answers and first-token distributions, and the
+    image-embedding cosine. The gate's inputs, without the preprocessing and budget checks."""
+    records = reference.records
+    predictions, agreement = run_answers(runtime, label, reference, max_new_tokens)
+    agreement["answers"] = round(answer_agreement(reference.answers, predictions), 4)
+    scores, accuracy = score(records, predictions, vqa_metric)
+    return {
+        "vqa_metric": vqa_metric, "vqa_accuracy": accuracy["vqa_accuracy"], "reference_accuracy": reference.accuracy,
+        **paired_drift(reference.scores, scores),
+        "agreement": agreement,
+        "by_question_type": {"accuracy": accuracy["by_question_type"],
+                             "drift": drift_by(records, reference.scores, scores, "question_type")},
+        "by_aspect": {"accuracy": accuracy["by_aspect"], "drift": drift_by(records, reference.scores, scores, "aspect")},
+        "image_embedding_cosine": embedding_agreement(runtime, reference.embedding_images, reference.embeddings,
+                                                      reference.embedding_aspects),
+    }
+
+
+def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, reference: ReferenceSide, reference_metrics: dict,
+                      thresholds: GateThresholds, artifact_bytes: int, max_new_tokens: int = MAX_ANSWER_TOKENS,
+                      vqa_metric: str = "official", budget: dict | None = None, known_issue: str | None = None,
+                      label: str | None = None) -> dict:
     """The parity verdict of one artifact (see the module docstring; eval/gates.py judges it).
 
     `reference_metrics`: reference_eval's metrics (its accuracy and blind baseline say whether accuracy
@@ -173,45 +232,24 @@ def evaluate_artifact(runtime: Runtime, *, fmt: str, tier: str, records: list[VQ
     never passes the gate, it only says why an embedding check fails.
     """
     started = time.perf_counter()
-    reference, reference_texts = reference_answers(reference_predictions, records)
-    images = {name: load_image(data_dir / name) for name in dict.fromkeys(r.image for r in records)}
-    predictions, agreement = run_answers(runtime, f"{tier}-{fmt}", model, processor,
-                                         [images[r.image] for r in records], [r.question for r in records],
-                                         max_new_tokens)
-    agreement["answers"] = round(answer_agreement(reference_texts, predictions), 4)
-    scores, accuracy = score(records, predictions, vqa_metric)
-    stats = paired_drift(reference, scores)
-    reference_accuracy = round(100.0 * sum(reference) / len(reference), 2)
-
-    # Embeddings on a sample spread evenly over the eval images (they are ordered by generation).
-    names = list(images)
-    picked = names[:: max(1, len(names) // embedding_images)][:embedding_images]
-    aspect_of = {r.image: r.aspect for r in records}
-    embeddings = embedding_agreement(runtime, model, processor.image_processor, [images[n] for n in picked],
-                                     [aspect_of[n] for n in picked])
-    result = {
-        "format": fmt, "tier": tier, "vqa_metric": vqa_metric,
-        "vqa_accuracy": accuracy["vqa_accuracy"], "reference_accuracy": reference_accuracy,
-        **stats,
-        "agreement": agreement,
-        "by_question_type": {"accuracy": accuracy["by_question_type"],
-                             "drift": drift_by(records, reference, scores, "question_type")},
-        "by_aspect": {"accuracy": accuracy["by_aspect"], "drift": drift_by(records, reference, scores, "aspect")},
-        "image_embedding_cosine": embeddings,
-        "preprocessing": preprocessing_check(runtime, model, processor.image_processor,
-                                             _first_per_aspect(records, images)),
-        "artifact_bytes": artifact_bytes,
-        **({"budget": budget} if budget is not None else {}),
-    }
+    label = label or f"{tier}-{fmt}"
+    model, processor = reference.model, reference.processor
+    result = {"format": fmt, "tier": tier,
+              **measure(runtime, reference, label, max_new_tokens=max_new_tokens, vqa_metric=vqa_metric),
+              "preprocessing": preprocessing_check(runtime, model, processor.image_processor,
+                                                   _first_per_aspect(reference.records, reference.images)),
+              "artifact_bytes": artifact_bytes,
+              **({"budget": budget} if budget is not None else {})}
     result.update(verdict(result, thresholds, reference_metrics["vqa_accuracy"],
                           reference_metrics["blind_baseline"]["vqa_accuracy"], known_issue))
-    log.info("%s-%s: %.2f%% vs reference %.2f%% (drift %+.2f, 95%% CI %+.2f..%+.2f, flips %.1f%%), answers agree "
-             "%.1f%%, first token top-1 %.1f%% KL %.4f, embedding cosine %.4f: %s in %.1fs", tier, fmt,
-             result["vqa_accuracy"], reference_accuracy, stats["drift"], *stats["drift_ci95"],
-             100 * stats["flip_rate"], 100 * agreement["answers"], 100 * agreement["first_token_top1"],
-             agreement["first_token_kl"], embeddings["mean"],
+    agreement = result["agreement"]
+    log.info("%s: %.2f%% vs reference %.2f%% (drift %+.2f, 95%% CI %+.2f..%+.2f, flips %.1f%%), answers agree "
+             "%.1f%%, first token top-1 %.1f%% KL %.4f, embedding cosine %.4f: %s in %.1fs", label,
+             result["vqa_accuracy"], reference.accuracy, result["drift"], *result["drift_ci95"],
+             100 * result["flip_rate"], 100 * agreement["answers"], 100 * agreement["first_token_top1"],
+             agreement["first_token_kl"], result["image_embedding_cosine"]["mean"],
              "pass" if result["passed"] else f"FAIL ({result['failure_reason']})", time.perf_counter() - started)
     if agreement["truncated_answers"]:
-        log.warning("%s-%s: %d of %d answers hit the %d-token cap without EOS", tier, fmt,
-                    agreement["truncated_answers"], len(records), max_new_tokens)
+        log.warning("%s: %d of %d answers hit the %d-token cap without EOS", label, agreement["truncated_answers"],
+                    len(reference.records), max_new_tokens)
     return result

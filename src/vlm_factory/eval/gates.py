@@ -162,5 +162,7 @@ def gate_table(results: dict[str, dict]) -> str:
         low, high = v["drift_ci95"]
         lines.append(f"{name:<{width}}  {'pass' if v['passed'] else 'FAIL':<7}  {v['drift']:+7.2f} "
                      f"({low:+.2f}, {high:+.2f})  {100 * v['flip_rate']:5.1f}%  {v['agreement']['answers']:.3f}  "
-                     f"{v['image_embedding_cosine']['mean']:.4f}       {v.get('failure_reason', '')}")
+                     f"{v['image_embedding_cosine']['mean']:.4f}       {v.get('failure_reason', '')}"
+                     + (f" [drift by component: {v['attribution']['summary']}]"
+                        if not v["passed"] and "summary" in v.get("attribution", {}) else ""))
     return "\n".join(lines)

@@ -117,19 +117,24 @@ def resolve_weights(mlmodel, wrapper: nn.Module, weights: dict[str, str], unused
     return resolved
 
 
-def palettize(mlmodel, weights: dict[str, str], settings: dict):
-    """k-means LUT palettization of every mapped weight above WEIGHT_THRESHOLD elements; other consts
-    (RoPE tables, zero biases the converter adds) are excluded by name."""
+def palettize(mlmodel, weights: dict[str, str], settings: dict, bits: dict[str, int | None]):
+    """k-means LUT palettization of every mapped weight above WEIGHT_THRESHOLD elements, each at the nbits
+    `bits` gives its const (None: left as converted); other consts (RoPE tables, zero biases the converter
+    adds) are excluded by name."""
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
     kwargs = {"group_size": settings["group_size"]} if settings["granularity"] == "per_grouped_channel" else {}
-    op_config = OpPalettizerConfig(mode="kmeans", nbits=settings["nbits"], granularity=settings["granularity"],
-                                   weight_threshold=WEIGHT_THRESHOLD, num_kmeans_workers=KMEANS_WORKERS, **kwargs)
-    skip = {}
+    configs = {nbits: OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity=settings["granularity"],
+                                         weight_threshold=WEIGHT_THRESHOLD, num_kmeans_workers=KMEANS_WORKERS, **kwargs)
+               for nbits in set(bits.values()) - {None}}
+    per_op = {}
     for op in mlmodel._mil_program.functions["main"].operations:
-        if op.op_type == "const" and base_name(op.name) not in weights:
-            skip[op.name] = None
-    return palettize_weights(mlmodel, OptimizationConfig(global_config=op_config, op_name_configs=skip))
+        if op.op_type == "const":
+            nbits = bits.get(base_name(op.name))
+            per_op[op.name] = configs[nbits] if nbits is not None else None
+    if not configs:
+        return mlmodel
+    return palettize_weights(mlmodel, OptimizationConfig(global_config=None, op_name_configs=per_op))
 
 
 def describe(mlmodel, short: str, inputs: dict, outputs: dict, metadata: dict) -> None:
@@ -144,8 +149,9 @@ def describe(mlmodel, short: str, inputs: dict, outputs: dict, metadata: dict) -
     mlmodel.user_defined_metadata.update({k: str(v) for k, v in metadata.items()})
 
 
-def package_entry(path, weights: dict[str, str], nbits: int) -> dict:
-    """What the report says about one saved package, after checking every mapped weight is in it."""
+def package_entry(path, weights: dict[str, str], nbits: dict[str, int | str]) -> dict:
+    """What the report says about one saved package, after checking every mapped weight is in it; `nbits`
+    per component it holds (fp16: unpalettized)."""
     found = read_package_weights(path)
     missing = sorted(set(weights) - set(found))
     if missing:

@@ -1,7 +1,8 @@
 """One tier's Core ML package: a vision .mlpackage and a stateful text-decoder .mlpackage, palettized.
 
 Settings (`targets.coreml.<tier>`): `nbits` 4 | 6 | 8, `granularity` per_tensor | per_grouped_channel,
-`group_size` (a positive integer, used by per_grouped_channel).
+`group_size` (a positive integer, used by per_grouped_channel); optionally `vision`, `projector`, `llm`
+(4 | 6 | 8 | fp16, default `nbits`) per component, fp16 leaving that component unpalettized.
 
 - `vision.mlpackage`: `pixel_values` float32 TensorType [1, 3, H, W], already preprocessed as the
   family's spec in coreml_config.json says (an ImageType takes one scalar scale, so per-channel std
@@ -44,13 +45,15 @@ from vlm_factory.export.coreml_convert import (convert, describe, package_entry,
                                                resolve_weights, used_parameters, weight_map)
 from vlm_factory.export.context import static_context
 from vlm_factory.export.static_cache import ImageFeatures, StatefulDecoder
+from vlm_factory.families import COMPONENTS
 from vlm_factory.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
 NBITS = (4, 6, 8)
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
-SETTINGS = ("nbits", "granularity", "group_size")
+SETTINGS = ("nbits", "granularity", "group_size", *COMPONENTS)
+UNPALETTIZED = "fp16"
 DEFAULTS = {"granularity": "per_grouped_channel", "group_size": 16}
 COREML_CONFIG = "coreml_config.json"
 EMBED_FILE = "embed_tokens.npy"
@@ -58,8 +61,21 @@ VISION_PACKAGE, TEXT_PACKAGE = "vision.mlpackage", "text.mlpackage"
 CHECK_BATCH = 32  # views per torch call in the export's check (tiles of many images at once would not fit)
 
 
+def _nbits(value, key: str, *, unpalettized_ok: bool):
+    """4 | 6 | 8, or "fp16" (left unpalettized: the program's own float16) where a component may say so."""
+    if unpalettized_ok and isinstance(value, str) and value.lower() == UNPALETTIZED:
+        return UNPALETTIZED
+    if isinstance(value, bool) or value not in NBITS:
+        allowed = [*map(str, NBITS), *([UNPALETTIZED] if unpalettized_ok else [])]
+        raise UserError(f"key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    return int(value)
+
+
 def coreml_settings(settings, tier: str) -> dict:
-    """The tier's Core ML settings validated, with defaults; a one-line UserError naming the key otherwise."""
+    """The tier's Core ML settings validated, with defaults; a one-line UserError naming the key otherwise.
+
+    `vision`, `projector`, `llm` (each 4 | 6 | 8 | fp16, default `nbits`) set one component's palettization:
+    fp16 leaves its weights as the converter wrote them (attribution and the precision search use this)."""
     key = f"targets.coreml.{tier}"
     if not isinstance(settings, Mapping):
         raise UserError(f"key '{key}' must be a mapping with nbits, granularity and group_size; got {settings!r}")
@@ -68,16 +84,15 @@ def coreml_settings(settings, tier: str) -> dict:
             raise UserError(f"key '{key}.{name}' is not a Core ML setting (known: {', '.join(SETTINGS)})")
     if "nbits" not in settings:
         raise UserError(f"key '{key}.nbits' is missing: set one of {', '.join(map(str, NBITS))}")
-    nbits = settings["nbits"]
-    if isinstance(nbits, bool) or nbits not in NBITS:
-        raise UserError(f"key '{key}.nbits' must be one of {', '.join(map(str, NBITS))}; got {nbits!r}")
+    nbits = _nbits(settings["nbits"], f"{key}.nbits", unpalettized_ok=False)
     granularity = settings.get("granularity", DEFAULTS["granularity"])
     if granularity not in GRANULARITIES:
         raise UserError(f"key '{key}.granularity' must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
     group_size = settings.get("group_size", DEFAULTS["group_size"])
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise UserError(f"key '{key}.group_size' must be a positive integer; got {group_size!r}")
-    return {"nbits": int(nbits), "granularity": granularity, "group_size": group_size}
+    components = {c: _nbits(settings.get(c, nbits), f"{key}.{c}", unpalettized_ok=True) for c in COMPONENTS}
+    return {"nbits": nbits, "granularity": granularity, "group_size": group_size, **components}
 
 
 def _tiling_text(spec: dict) -> list[str]:
@@ -118,6 +133,17 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def _bits_per_weight(family, weights: dict[str, str], settings: dict) -> dict[str, int | None]:
+    """{MIL const name: nbits, or None to leave it unpalettized} from its parameter's component."""
+    bits = {}
+    for mil_name, torch_name in weights.items():
+        component = family.component_of(torch_name)
+        if component is None:
+            raise RuntimeError(f"{torch_name}: the model family places this weight in no component")
+        bits[mil_name] = None if settings[component] == UNPALETTIZED else settings[component]
+    return bits
+
+
 def _convert_vision(ct, family, model, settings: dict, metadata: dict, spec_text: str):
     """(palettized vision model, its weight map, image tokens, unused names, constant parameters)."""
     vision = family.vision
@@ -132,7 +158,7 @@ def _convert_vision(ct, family, model, settings: dict, metadata: dict, spec_text
     unused: list[str] = []
     constants: dict[str, float] = {}
     weights = resolve_weights(mlmodel, wrapper, weights, unused, constants)
-    mlmodel = palettize(mlmodel, weights, settings)
+    mlmodel = palettize(mlmodel, weights, settings, _bits_per_weight(family, weights, settings))
     describe(mlmodel, f"{family.variant}: vision tower + connector, {tokens} image features for the LLM",
              {"pixel_values": f"[1,{vision.num_channels},{vision.image_size},{vision.image_size}] float32, "
                               f"preprocessed: {spec_text}"},
@@ -159,7 +185,7 @@ def _convert_text(ct, family, model, settings: dict, metadata: dict, max_context
     unused: list[str] = []
     constants: dict[str, float] = {}
     weights = resolve_weights(mlmodel, decoder, weights, unused, constants)
-    mlmodel = palettize(mlmodel, weights, settings)
+    mlmodel = palettize(mlmodel, weights, settings, _bits_per_weight(family, weights, settings))
     describe(mlmodel, f"{facts.num_layers}-layer {facts.arch} decoder with a stateful KV cache "
                       f"(max {max_context} tokens); token embeddings are looked up outside ({EMBED_FILE})",
              {"inputs_embeds": f"[1,S,{facts.hidden_size}] token embeddings (rows of {EMBED_FILE}) with image "
@@ -193,6 +219,7 @@ def export_coreml(model_dir: Path, out_dir: Path, tier: str, settings: dict, dat
     metadata = {"vlm_factory.tier": tier, "vlm_factory.family": family.name, "vlm_factory.variant": family.variant,
                 "vlm_factory.nbits": settings["nbits"], "vlm_factory.granularity": settings["granularity"],
                 "vlm_factory.group_size": settings["group_size"],
+                **{f"vlm_factory.{c}": settings[c] for c in COMPONENTS},
                 **{f"tools.{k}": v for k, v in package_versions("coremltools", "torch", "transformers").items()}}
 
     vision_ml, vision_weights, tokens, unused_vision, constants = _convert_vision(ct, family, model, settings,
@@ -236,13 +263,14 @@ def export_coreml(model_dir: Path, out_dir: Path, tier: str, settings: dict, dat
             "embedding": {"file": EMBED_FILE, "parameter": embed_name, "dtype": "float32", "palettized": False},
         }
         write_json(config, staging / COREML_CONFIG)
-        files = {"vision": package_entry(staging / VISION_PACKAGE, vision_weights, settings["nbits"]),
-                 "text": package_entry(staging / TEXT_PACKAGE, text_weights, settings["nbits"]),
+        files = {"vision": package_entry(staging / VISION_PACKAGE, vision_weights,
+                                         {c: settings[c] for c in ("vision", "projector")}),
+                 "text": package_entry(staging / TEXT_PACKAGE, text_weights, {"llm": settings["llm"]}),
                  "embedding": {"file": EMBED_FILE, "file_bytes": (staging / EMBED_FILE).stat().st_size,
                                "palettized": False}}
         checks = _checks(family, model, staging, data_dir, check_images)
         report = {"format": "coreml", "tier": tier, "family": family.name, "variant": family.variant,
-                  "settings": settings, "files": files,
+                  "settings": settings, "components": {c: settings[c] for c in COMPONENTS}, "files": files,
                   "total_bytes": sum(f["file_bytes"] for f in files.values()),
                   "unused_parameters": unused, "constant_parameters": sorted(constants),
                   "decoder": {"stateful": True, "kv_cache": "ct.StateType float16", "max_context": max_context,

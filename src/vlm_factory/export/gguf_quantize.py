@@ -24,10 +24,12 @@ from vlm_factory.io import atomic_path
 # Tier names -> llama_ftype (the file's label and, for the LLM, llama.cpp's per-tensor mix).
 FTYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
           "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-          "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+          "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+          "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q3_K": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 # Tensor types a tensor-type override may name (vision and projector settings).
 TENSOR_TYPES = {"F32": "GGML_TYPE_F32", "F16": "GGML_TYPE_F16", "Q8_0": "GGML_TYPE_Q8_0", "Q6_K": "GGML_TYPE_Q6_K",
-                "Q5_K": "GGML_TYPE_Q5_K", "Q4_K": "GGML_TYPE_Q4_K", "Q4_0": "GGML_TYPE_Q4_0"}
+                "Q5_K": "GGML_TYPE_Q5_K", "Q4_K": "GGML_TYPE_Q4_K", "Q4_0": "GGML_TYPE_Q4_0", "Q3_K": "GGML_TYPE_Q3_K",
+                "Q2_K": "GGML_TYPE_Q2_K"}
 _FALLBACK = re.compile(r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
                        r"\(required for type\s+(?P<wanted>\S+)\).*?-> falling back to\s+(?P<used>\S+)", re.S)
 

@@ -1,6 +1,11 @@
 """One tier's ONNX package: vision / embedding / text graphs at the tier's precision, with an export report.
 
-Settings (`targets.onnx.<tier>`): `precision` fp32 | fp16 | int8, `ort_format` true | false.
+Settings (`targets.onnx.<tier>`): `precision` fp32 | fp16 | int8, `ort_format` true | false, and per model
+component `vision`, `projector`, `llm` (each fp32 | fp16 | int8, default `precision`). text.onnx follows
+`llm` (embedding.onnx too: fp32 beside an int8 decoder, converted with it at fp16); vision.onnx holds the
+vision encoder and the projector, so they may differ only as fp32 beside one reduced precision: the
+family places each node of the graph in its component (onnx_quantize.py `node_components`) and only the
+reduced component's nodes are quantized or converted. A uniform setting takes exactly the steps below.
 
 Steps, all in a staging directory swapped in only when everything succeeded:
 
@@ -47,8 +52,9 @@ from vlm_factory.export.onnx_graphs import (GENAI_CONFIG, ONNX_TOOLS, OPSET, SEL
                                             export_onnx_fp32)
 from vlm_factory.export.onnx_optimize import (cpu_fallback_ops, fusions_applied, max_abs_diff, op_histogram,
                                               ort_optimize, run_graph, to_ort_format, transformer_fusions)
-from vlm_factory.export.onnx_quantize import (calibration_pixels, convert_fp16, quantize_decoder_dynamic,
-                                              quantize_vision_static)
+from vlm_factory.export.onnx_quantize import (calibration_pixels, convert_fp16, graph_components, node_components,
+                                              quantize_decoder_dynamic, quantize_vision_static)
+from vlm_factory.families import COMPONENTS, family_of
 from vlm_factory.io import atomic_dir, scratch_dir, write_json
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.onnx_runtime import OnnxRuntime
@@ -56,7 +62,8 @@ from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-SETTINGS = ("precision", "ort_format")
+SETTINGS = ("precision", "ort_format", *COMPONENTS)
+VISION_GRAPH = ("vision", "projector")  # the components vision.onnx computes, in order
 DEFAULTS = {"ort_format": False}
 # (report role, genai_config.json section, file name); file names as onnx_graphs writes them.
 ROLES = (("vision", "vision", "vision.onnx"), ("embedding", "embedding", "embedding.onnx"),
@@ -65,8 +72,15 @@ CHECK_QUESTIONS = 8  # training questions whose first answer token is compared w
 VISION_BATCH = 32  # views per vision-graph run when comparing with the fp32 export
 
 
+def _precision(value, key: str) -> str:
+    if not isinstance(value, str) or value.lower() not in PRECISIONS:
+        raise UserError(f"key '{key}' must be one of {', '.join(PRECISIONS)}; got {value!r}")
+    return value.lower()
+
+
 def onnx_settings(settings, tier: str) -> dict:
-    """The tier's ONNX settings validated, with defaults; a one-line UserError naming the key otherwise."""
+    """The tier's ONNX settings validated, with defaults (`vision`, `projector`, `llm` default to `precision`);
+    a one-line UserError naming the key otherwise."""
     key = f"targets.onnx.{tier}"
     if not isinstance(settings, Mapping):
         raise UserError(f"key '{key}' must be a mapping with precision and ort_format; got {settings!r}")
@@ -75,19 +89,45 @@ def onnx_settings(settings, tier: str) -> dict:
             raise UserError(f"key '{key}.{name}' is not an ONNX setting (known: {', '.join(SETTINGS)})")
     if "precision" not in settings:
         raise UserError(f"key '{key}.precision' is missing: set one of {', '.join(PRECISIONS)}")
-    precision = settings["precision"]
-    if not isinstance(precision, str) or precision.lower() not in PRECISIONS:
-        raise UserError(f"key '{key}.precision' must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    precision = _precision(settings["precision"], f"{key}.precision")
+    components = {c: _precision(settings.get(c, precision), f"{key}.{c}") for c in COMPONENTS}
     ort_format = settings.get("ort_format", DEFAULTS["ort_format"])
     if not isinstance(ort_format, bool):
         raise UserError(f"key '{key}.ort_format' must be true or false; got {ort_format!r}")
-    precision = precision.lower()
-    if precision == "fp16" and ort_format:
+    if {components[c] for c in VISION_GRAPH} == {"int8", "fp16"}:
+        # One graph quantized in part and converted to float16 in part is neither tool's input; fp32 beside
+        # one reduced precision is what attribution and the precision search need.
+        raise UserError(f"keys '{key}.vision' and '{key}.projector' cannot be int8 and fp16: both run in "
+                        "vision.onnx, which holds at most one reduced precision (beside fp32); set them equal "
+                        "or one of them to fp32")
+    if "fp16" in components.values() and ort_format:
         # The .ort file is written by this (CPU) onnxruntime, which bakes casts to float32 around every
         # op without a CPU float16 kernel into the file: useless for the GPU/NPU an fp16 tier targets.
-        raise UserError(f"key '{key}.ort_format' must be false with precision fp16: the ORT format is saved "
+        raise UserError(f"key '{key}.ort_format' must be false with precision fp16 (here on "
+                        f"{', '.join(c for c in COMPONENTS if components[c] == 'fp16')}): the ORT format is saved "
                         "after CPU partitioning, which runs most float16 ops in float32; use int8 or fp32 for it")
-    return {"precision": precision, "ort_format": ort_format}
+    return {"precision": precision, "ort_format": ort_format, **components}
+
+
+def _vision_graph_precision(components: Mapping[str, str]) -> tuple[str, list[str] | None]:
+    """(the reduced precision of vision.onnx or fp32, the components it applies to; None: the whole graph)."""
+    precisions = {components[c] for c in VISION_GRAPH}
+    reduced = (precisions - {"fp32"} or {"fp32"}).pop()  # at most one besides fp32 (onnx_settings)
+    return reduced, (None if len(precisions) == 1 else [c for c in VISION_GRAPH if components[c] == reduced])
+
+
+def _precision_label(precision: str, only: list[str] | None) -> str:
+    """"int8" for a whole graph, "int8 (projector), fp32 (vision)" for a mixed one."""
+    if only is None:
+        return precision
+    return f"{precision} ({', '.join(only)}), fp32 ({', '.join(c for c in VISION_GRAPH if c not in only)})"
+
+
+def _components_label(components: Mapping[str, str]) -> str:
+    """"int8" when uniform, else "vision fp32, projector int8, llm fp32"."""
+    if len(set(components.values())) == 1:
+        return next(iter(components.values()))
+    return ", ".join(f"{c} {p}" for c, p in components.items())
 
 
 @contextlib.contextmanager
@@ -192,7 +232,9 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
 
     model_dir, out_dir, data_dir = Path(model_dir), Path(out_dir), Path(data_dir)
     records = read_jsonl(data_dir / "train.jsonl")  # before any work: a missing split fails in a second
-    precision = settings["precision"]
+    precision, components = settings["precision"], {c: settings[c] for c in COMPONENTS}
+    llm = components["llm"]
+    vision_precision, vision_only = _vision_graph_precision(components)
     started = time.perf_counter()
     with atomic_dir(out_dir) as staging, scratch_dir(out_dir) as scratch:
         raw_dir = scratch / "fp32"
@@ -218,32 +260,54 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
         exported = "torch.onnx.export(dynamo=True)"
         optimise = ["onnxscript optimize_for_ort", "onnxruntime ORT_ENABLE_EXTENDED"]
         pipelines = {"vision": [exported, *optimise], "embedding": [exported], "text": [exported, *optimise]}
-        precisions = dict.fromkeys(raw, precision)
+        precisions = {"vision": _precision_label(vision_precision, vision_only), "embedding": llm, "text": llm}
         extra = {role: {"onnxscript_fusions": onnxscript_counts.get(role, {})} for role in raw}
+        extra["vision"]["components"] = {c: components[c] for c in VISION_GRAPH}
         final = {role: staging / name for role, _, name in ROLES}
-        if precision == "fp32":
-            for role in raw:
-                shutil.copy2(optimised.get(role, raw[role]), final[role])
-        elif precision == "fp16":
+        # The family places the vision graph's nodes: from the exported graph's metadata (int8 quantizes it),
+        # from the fused graph's by node name for the optimised one (fp16 converts it; its nodes lost theirs).
+        family = family_of(model_dir)
 
-            for role in raw:
+        # vision.onnx: vision encoder + projector.
+        if vision_precision == "fp32":
+            shutil.copy2(optimised["vision"], final["vision"])
+        elif vision_precision == "fp16":
+            placed = graph_components(optimised["vision"], node_components(fused["vision"], family))
+            with _timed("vision: float16 (%s)", precisions["vision"]):
+                extra["vision"]["conversion"] = convert_fp16(optimised["vision"], final["vision"], components=placed,
+                                                             only=vision_only)
+            extra["vision"]["cpu_fallback_ops"] = cpu_fallback_ops(final["vision"], scratch)
+            block = "" if vision_only is None else f", node_block_list: all but the {' and '.join(vision_only)}"
+            pipelines["vision"].append(f"convert_float_to_float16(keep_io_types{block})")
+        else:
+            quantized = scratch / "vision.int8.onnx"
+            with _timed("vision: static QDQ INT8 (%s) on %d images (%d views)", precisions["vision"],
+                        len(view_counts), len(pixels)):
+                extra["vision"]["quantization"] = quantize_vision_static(
+                    raw["vision"], quantized, pixels, images=len(view_counts),
+                    components=node_components(raw["vision"], family), only=vision_only)
+            ort_optimize(quantized, final["vision"])
+            only = "" if vision_only is None else f" (nodes_to_quantize: the {' and '.join(vision_only)})"
+            pipelines["vision"] = [exported, f"quantize_static QDQ{only}", "onnxruntime ORT_ENABLE_EXTENDED"]
+            extra["vision"]["onnxscript_fusions"] = {}
+
+        # text.onnx and embedding.onnx: the LLM.
+        if llm == "fp32":
+            for role in ("embedding", "text"):
+                shutil.copy2(optimised.get(role, raw[role]), final[role])
+        elif llm == "fp16":
+            for role in ("embedding", "text"):
                 with _timed("%s: float16", role):
                     extra[role]["conversion"] = convert_fp16(optimised.get(role, raw[role]), final[role])
                 extra[role]["cpu_fallback_ops"] = cpu_fallback_ops(final[role], scratch)
                 pipelines[role].append("convert_float_to_float16(keep_io_types)")
         else:
-            quantized = {role: scratch / f"{role}.int8.onnx" for role in ("vision", "text")}
-            with _timed("vision: static QDQ INT8 on %d images (%d views)", len(view_counts), len(pixels)):
-                extra["vision"]["quantization"] = quantize_vision_static(raw["vision"], quantized["vision"], pixels,
-                                                                         images=len(view_counts))
+            quantized = scratch / "text.int8.onnx"
             with _timed("text: dynamic INT8"):
-                extra["text"]["quantization"] = quantize_decoder_dynamic(fused["text"], quantized["text"])
-            for role, path in quantized.items():
-                ort_optimize(path, final[role])
-            pipelines["vision"] = [exported, "quantize_static QDQ", "onnxruntime ORT_ENABLE_EXTENDED"]
+                extra["text"]["quantization"] = quantize_decoder_dynamic(fused["text"], quantized)
+            ort_optimize(quantized, final["text"])
             pipelines["text"] = [exported, "onnxscript optimize_for_ort", "quantize_dynamic",
                                  "onnxruntime ORT_ENABLE_EXTENDED"]
-            extra["vision"]["onnxscript_fusions"] = {}
             shutil.copy2(raw["embedding"], final["embedding"])
             precisions["embedding"] = "fp32"
             extra["embedding"]["quantization"] = None  # a Gather table: see onnx_quantize.py
@@ -260,13 +324,13 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                 extra[role]["ort"] = {"file": ort_path.name, "file_bytes": ort_path.stat().st_size}
         write_json(genai, staging / GENAI_CONFIG)
 
-        with _timed("comparing the %s graphs with the fp32 export", precision):
+        with _timed("comparing the %s graphs with the fp32 export", _components_label(components)):
             checks = _compare_with_fp32(raw_dir, staging, pixels, view_counts,
                                         _check_questions(records, data_dir, CHECK_QUESTIONS))
         files = {role: _graph_entry(final[role], raw_ops[role], precisions[role], pipelines[role], extra[role])
                  for role in raw}
         report = {
-            "format": "onnx", "tier": tier, "settings": settings, "precision": precision,
+            "format": "onnx", "tier": tier, "settings": settings, "precision": precision, "components": components,
             "family": fp32_report["family"], "variant": fp32_report["variant"], "exporter": fp32_report["exporter"],
             "opset": OPSET, "files": files,
             "total_bytes": sum(f["file_bytes"] for f in files.values()),
@@ -274,13 +338,14 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                                 else None),
             "calibration": ({"split": "train", "images": len(view_counts), "views": int(len(pixels)),
                              "method": "MinMax"}
-                            if precision == "int8" else None),
+                            if vision_precision == "int8" else None),
             "checks": {"fp32_export_vs_torch_max_abs_diff": fp32_report["self_check_max_abs_diff"],
                        "optimised_vs_export_max_abs_diff": optimised_diffs, **checks},
             "tools": package_versions(*ONNX_TOOLS),
         }
         write_json(report, staging / EXPORT_REPORT)
-    log.info("onnx %s for %s: %.1f MiB in 3 graphs%s, vision cosine vs fp32 >= %.4f, in %.1fs", precision, tier,
+    log.info("onnx %s for %s: %.1f MiB in 3 graphs%s, vision cosine vs fp32 >= %.4f, in %.1fs",
+             _components_label(components), tier,
              report["total_bytes"] / 2**20,
              f" (+ {report['ort_total_bytes'] / 2**20:.1f} MiB .ort)" if settings["ort_format"] else "",
              checks["vision_cosine_vs_fp32"]["min"], time.perf_counter() - started)

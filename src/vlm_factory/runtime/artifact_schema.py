@@ -619,9 +619,19 @@ class TfliteDecoder(Schema):
         return self
 
 
+TflitePrecision = Literal["fp32", "fp16", "int8"]
+
+
+class TfliteComponents(Schema):
+    vision: TflitePrecision
+    projector: TflitePrecision
+    llm: TflitePrecision
+
+
 class TfliteModel(LanguageModel):
     variant: Text
-    precision: Literal["fp32", "fp16"]
+    precision: TflitePrecision  # the target's setting; each component's is in `components`
+    components: TfliteComponents | None = None  # absent in exports before per-component precision: `precision`
     vision: TfliteVision
     embedding: TfliteEmbedding
     decoder: TfliteDecoder
@@ -634,9 +644,10 @@ class TfliteModel(LanguageModel):
         if self.embedding.shape != [self.vocab_size, self.decoder.hidden_size]:
             raise FieldProblem("embedding.shape", f"{self.embedding.shape}, not [vocab_size, decoder.hidden_size] = "
                                                   f"{[self.vocab_size, self.decoder.hidden_size]}")
-        expected_dtype = "float16" if self.precision == "fp16" else "float32"
+        llm = self.components.llm if self.components is not None else self.precision
+        expected_dtype = "float32" if llm == "fp32" else "float16"  # the table is the llm's, float16 unless fp32
         if self.embedding.dtype != expected_dtype:
-            raise FieldProblem("embedding.dtype", f"{self.embedding.dtype}, but an {self.precision} export keeps "
+            raise FieldProblem("embedding.dtype", f"{self.embedding.dtype}, but an export with an {llm} llm keeps "
                                                   f"{expected_dtype}")
         self._check_token_ids()
         return self
