@@ -29,7 +29,7 @@ def main(argv=None) -> None:
         raise UserError(f"{args.params}: no key 'search.targets.{args.key}'; known: {', '.join(params.search.targets)}")
     entry = params.search.targets[args.key]
     result = run(params, entry.tier, entry.format, model_dir=args.model, data_dir=args.data,
-                 reference_predictions=args.reference, reference_metrics=args.reference_metrics)
+                 reference_predictions=args.reference, reference_metrics=args.reference_metrics, mode=entry.evaluate)
     write_json(result, args.out)
     write_json(plot_points(result), args.points)
     render_picture(result, args.picture)

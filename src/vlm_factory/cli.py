@@ -90,11 +90,9 @@ def _search(args: argparse.Namespace) -> None:
     from vlm_factory.eval.search import run, table
     from vlm_factory.io import write_json
 
-    params = load_params(args.params)
-    if args.evaluate:
-        params.search.evaluate = args.evaluate
-    result = run(params, args.tier, args.format, model_dir=Path(args.model), data_dir=Path(args.data),
-                 reference_predictions=Path(args.reference), reference_metrics=Path(args.reference_metrics))
+    result = run(load_params(args.params), args.tier, args.format, model_dir=Path(args.model),
+                 data_dir=Path(args.data), reference_predictions=Path(args.reference),
+                 reference_metrics=Path(args.reference_metrics), mode=args.evaluate)
     if args.out:
         write_json(result, Path(args.out))
     print(table(result))

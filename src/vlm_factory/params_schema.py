@@ -151,6 +151,7 @@ class PublishConfig:
 class SearchTarget:
     tier: str = MISSING
     format: str = MISSING
+    evaluate: Optional[str] = None  # until_pass | all; default search.evaluate
 
 
 @dataclass

@@ -173,8 +173,9 @@ def render_picture(result: dict, path: Path) -> None:
 
 
 def run(params, tier: str, fmt: str, *, model_dir: Path, data_dir: Path, reference_predictions: Path,
-        reference_metrics: Path) -> dict:
-    """The search of one (tier, format) from params.yaml, or a record of why it was skipped."""
+        reference_metrics: Path, mode: str | None = None) -> dict:
+    """The search of one (tier, format) from params.yaml, or a record of why it was skipped; `mode` overrides
+    search.evaluate."""
     from vlm_factory.eval.bench import Bench
     from vlm_factory.eval.gates import gate_thresholds
     from vlm_factory.families import family_of
@@ -193,7 +194,7 @@ def run(params, tier: str, fmt: str, *, model_dir: Path, data_dir: Path, referen
     thresholds = gate_thresholds(params.eval, fmt, tier, target)
     bench = Bench(params, tier, model_dir=model_dir, data_dir=data_dir, reference_predictions=reference_predictions,
                   reference_metrics=reference_metrics)
-    result = search(bench, fmt, target, dict(params.search.grid[fmt]), thresholds, params.search.evaluate)
+    result = search(bench, fmt, target, dict(params.search.grid[fmt]), thresholds, mode or params.search.evaluate)
     result["reference_accuracy"] = bench.reference.accuracy
     return result
 
