@@ -136,11 +136,16 @@ def _draw(ax, result: dict) -> None:
         chosen = [r for r in rows if r["passed"] == passed]
         if chosen:
             ax.scatter([r["artifact_mib"] for r in chosen], [r["vqa_accuracy"] for r in chosen], s=36, **style)
+    front = sorted((r for r in rows if r["candidate"] in result["pareto_front"]), key=lambda r: r["artifact_mib"])
+    if len(front) > 1:
+        ax.plot([r["artifact_mib"] for r in front], [r["vqa_accuracy"] for r in front], color="tab:blue",
+                linewidth=1, drawstyle="steps-post", label="Pareto front", zorder=0)
     ax.axhline(result["reference_accuracy"], color="grey", linestyle="--", linewidth=1, label="reference (PyTorch)")
     if result["winner"]:
         w = result["winner"]
         ax.annotate(f"smallest passing:\n{w['candidate']}", (w["artifact_mib"], w["vqa_accuracy"]),
-                    textcoords="offset points", xytext=(8, -28), fontsize=8)
+                    textcoords="offset points", xytext=(12, 24), fontsize=8,
+                    arrowprops={"arrowstyle": "->", "linewidth": 0.8})
     ax.set_xlabel("artifact size (MiB)")
     ax.set_ylabel("VQA accuracy (%)")
     ax.set_title(f"{result['tier']} {result['format']}: accuracy vs size ({len(rows)} candidates evaluated)",
