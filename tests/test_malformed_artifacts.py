@@ -210,7 +210,7 @@ def written_configs() -> dict[str, dict]:
     from the exporters' own builders (Core ML builds its config inline: its layout is spelled out, and
     `test_generated_keys_are_every_key_of_the_export` checks all three against real exports)."""
     from vlm_factory.export.onnx_graphs import genai_config
-    from vlm_factory.export.tflite_export import tflite_config
+    from vlm_factory.export.tflite_export import tflite_config, tflite_settings
     from vlm_factory.families import family_of
 
     family = family_of(BUNDLED_BASE)
@@ -230,7 +230,8 @@ def written_configs() -> dict[str, dict]:
         "embedding": {"file": "embed_tokens.npy", "parameter": "", "dtype": "float32", "palettized": False},
     }
     return {"onnx": genai_config(None, processor, family),
-            "tflite": tflite_config(family, processor, "fp32", context, (text.vocab_size, text.hidden_size)),
+            "tflite": tflite_config(family, processor, tflite_settings({"precision": "fp32"}, "t"), context,
+                                    (text.vocab_size, text.hidden_size)),
             "coreml": coreml}
 
 

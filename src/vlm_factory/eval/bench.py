@@ -8,6 +8,7 @@ does, measures it through the gate, and attributes its drift to components (eval
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from vlm_factory.artifacts import artifact_bytes
@@ -17,23 +18,33 @@ from vlm_factory.data.records import read_jsonl
 from vlm_factory.eval.artifact_parity import ReferenceSide, evaluate_artifact
 from vlm_factory.eval.attribution import attribute
 from vlm_factory.eval.gates import GateThresholds
+from vlm_factory.families import family_of
 from vlm_factory.io import read_json
 from vlm_factory.model.checkpoint import load_model
 from vlm_factory.runtime.open import open_runtime
 
 
 class Bench:
+    """Reference side loaded on first use, so a broken artifact is refused (when opened) before any of it."""
+
     def __init__(self, params: Params, tier: str, *, model_dir: Path, data_dir: Path, reference_predictions: Path,
                  reference_metrics: Path):
         self.params, self.tier_name, self.tier = params, tier, params.tiers[tier]
         self.model_dir, self.data_dir = Path(model_dir), Path(data_dir)
-        self.reference_metrics = read_json(reference_metrics, missing=f"{reference_metrics}: not found; run the "
-                                           "reference_eval stage", fix="run the reference_eval stage again")
-        self.family, model, processor = load_model(self.model_dir)
-        self.processor = processor
-        self.reference = ReferenceSide.load(read_jsonl(self.data_dir / "eval.jsonl"), self.data_dir,
-                                            reference_predictions, model, processor,
-                                            embedding_images=params.eval.embedding_images)
+        self._predictions, self._metrics = Path(reference_predictions), Path(reference_metrics)
+        self.family = family_of(self.model_dir)
+        self.processor = self.family.load_processor(self.model_dir)
+
+    @cached_property
+    def reference_metrics(self) -> dict:
+        return read_json(self._metrics, missing=f"{self._metrics}: not found; run the reference_eval stage",
+                         fix="run the reference_eval stage again")
+
+    @cached_property
+    def reference(self) -> ReferenceSide:
+        _, model, processor = load_model(self.model_dir)
+        return ReferenceSide.load(read_jsonl(self.data_dir / "eval.jsonl"), self.data_dir, self._predictions, model,
+                                  processor, embedding_images=self.params.eval.embedding_images)
 
     def budget(self, artifact: Path) -> dict:
         return artifact_budget(self.family, self.tier_name, self.tier, artifact_bytes(artifact), self.processor)

@@ -631,7 +631,7 @@ class TfliteComponents(Schema):
 class TfliteModel(LanguageModel):
     variant: Text
     precision: TflitePrecision  # the target's setting; each component's is in `components`
-    components: TfliteComponents | None = None  # absent in exports before per-component precision: `precision`
+    components: TfliteComponents
     vision: TfliteVision
     embedding: TfliteEmbedding
     decoder: TfliteDecoder
@@ -644,7 +644,7 @@ class TfliteModel(LanguageModel):
         if self.embedding.shape != [self.vocab_size, self.decoder.hidden_size]:
             raise FieldProblem("embedding.shape", f"{self.embedding.shape}, not [vocab_size, decoder.hidden_size] = "
                                                   f"{[self.vocab_size, self.decoder.hidden_size]}")
-        llm = self.components.llm if self.components is not None else self.precision
+        llm = self.components.llm
         expected_dtype = "float32" if llm == "fp32" else "float16"  # the table is the llm's, float16 unless fp32
         if self.embedding.dtype != expected_dtype:
             raise FieldProblem("embedding.dtype", f"{self.embedding.dtype}, but an export with an {llm} llm keeps "
