@@ -15,7 +15,7 @@ modules whose forward made it, one location per use, `;`-joined:
 
     <wrapper class>/<module class>_<attribute>/.../torch.nn.modules.linear.Linear_linear_1;1
 
-Module lists drop out (`...SiglipEncoder_encoder/...SiglipEncoderLayer_0/...`), constants folded
+Module lists drop out (`...<Tower>Encoder_encoder/...<Tower>EncoderLayer_0/...`), constants folded
 together carry several locations, and q/k/v weights may be named after their attention module only, so a
 name is no module path; but every segment is one module of the converted wrapper (its class and the
 attribute that holds it), and the wrapper's modules are the loaded model's, whose paths the family places.
