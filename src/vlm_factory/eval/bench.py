@@ -46,8 +46,11 @@ class Bench:
         return ReferenceSide.load(read_jsonl(self.data_dir / "eval.jsonl"), self.data_dir, self._predictions, model,
                                   processor, embedding_images=self.params.eval.embedding_images)
 
-    def budget(self, artifact: Path) -> dict:
-        return artifact_budget(self.family, self.tier_name, self.tier, artifact_bytes(artifact), self.processor)
+    @cached_property
+    def context_tokens(self) -> int:
+        """The context a runtime opens at: the tier's, bounded by the model's (the budget's own answer; it does
+        not depend on the artifact)."""
+        return artifact_budget(self.family, self.tier_name, self.tier, 0, self.processor)["context_tokens"]
 
     def export(self, fmt: str, settings: dict, out: Path) -> dict:
         """Export `settings` of `fmt` for this tier into `out`, as the export stage does; its summary."""
@@ -60,17 +63,16 @@ class Bench:
 
     def open(self, fmt: str, artifact: Path):
         """The artifact's runtime, at the tier's context (bounded by the model's) and KV cache type."""
-        context = self.budget(artifact)["context_tokens"]
-        return open_runtime(fmt, artifact, context_tokens=context, kv_cache=self.tier.kv_cache_dtype)
+        return open_runtime(fmt, artifact, context_tokens=self.context_tokens, kv_cache=self.tier.kv_cache_dtype)
 
     def evaluate(self, fmt: str, artifact: Path, thresholds: GateThresholds, label: str | None = None) -> dict:
         """The artifact's parity result with the gate's verdict, its budget included."""
-        budget = self.budget(artifact)
+        size = artifact_bytes(artifact)
+        budget = artifact_budget(self.family, self.tier_name, self.tier, size, self.processor)
         with self.open(fmt, artifact) as runtime:
             return evaluate_artifact(
                 runtime, fmt=fmt, tier=self.tier_name, reference=self.reference,
-                reference_metrics=self.reference_metrics, thresholds=thresholds,
-                artifact_bytes=artifact_bytes(artifact), budget=budget,
+                reference_metrics=self.reference_metrics, thresholds=thresholds, artifact_bytes=size, budget=budget,
                 max_new_tokens=self.params.eval.max_answer_tokens, vqa_metric=self.params.eval.vqa_metric,
                 known_issue=self.family.known_issue(fmt), label=label)
 

@@ -64,7 +64,7 @@ QUANTIZED_OPS = {
 }
 FLOAT_OPS_WITH_WEIGHTS = ("MatMul", "Conv", "Gemm", "Attention")
 # The torch module path(s) each node of a dynamo export was traced in, outermost first, then the op's own
-# name: ['', 'model.model.vision_tower', ..., 'model.model.multi_modal_projector.linear_1', 'linear_12'].
+# name: ['', 'model.<tower path>', ..., 'model.<connector path>.<its layer>', 'linear_12'].
 # onnxscript's fusions keep it; onnxruntime's optimiser drops it (but keeps the names of nodes it leaves).
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 WRAPPER = "model."  # onnx_graphs.VisionGraph holds the loaded model as `.model`
