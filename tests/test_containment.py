@@ -136,7 +136,7 @@ def test_export_report_linked_outside_is_refused(dirs):
     refused(lambda: artifact_bytes(art), outside, "weights.bin", "resolves outside")
 
 
-# -- ONNX: genai_config.json filenames and external data ------------------------------------------------------
+# -- ONNX: onnx_config.json filenames and external data ------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
@@ -146,8 +146,8 @@ def test_onnx_config_filenames_are_contained(dirs, kind):
     art, outside = dirs
     model = {role: {"filename": f"{role}.onnx"} for role in ("vision", "embedding", "decoder")}
     model["embedding"]["filename"] = attack_name(kind, art, outside)
-    (art / "genai_config.json").write_text(json.dumps({"model": model}))
-    refused(lambda: OnnxRuntime(art), outside, "genai_config.json", "model.embedding.filename", EXPECTED[kind])
+    (art / "onnx_config.json").write_text(json.dumps({"model": model}))
+    refused(lambda: OnnxRuntime(art), outside, "onnx_config.json", "model.embedding.filename", EXPECTED[kind])
 
 
 def _onnx_with_external_data(path: Path, location: str) -> Path:

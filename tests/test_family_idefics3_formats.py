@@ -128,7 +128,7 @@ def onnx(smolvlm):
     report = export_onnx_fp32(smolvlm.path, out)
     with OnnxRuntime(out) as runtime:
         yield SimpleNamespace(out=out, report=report, runtime=runtime,
-                              config=json.loads((out / "genai_config.json").read_text()))
+                              config=json.loads((out / "onnx_config.json").read_text()))
 
 
 @pytest.fixture(scope="module")

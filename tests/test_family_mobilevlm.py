@@ -463,7 +463,7 @@ def _runtime_matches_transformers(v, runtime, images) -> None:
 @pytest.mark.family_format("mobilevlm", "onnx")
 def test_onnx_export_runs_like_transformers(loaded, onnx_export, images):
     v = loaded
-    config = json.loads((onnx_export.out / "genai_config.json").read_text())["model"]
+    config = json.loads((onnx_export.out / "onnx_config.json").read_text())["model"]
     assert onnx_export.report["family"] == "mobilevlm" and config["image_token_id"] == v.family.image_token_id
     assert config["vision"]["num_image_tokens"] == IMAGE_TOKENS
     assert config["vision"]["preprocessing"] == v.family.preprocessing(v.processor)

@@ -4,7 +4,7 @@ Each format is exported once per module from the bundled tiny base with its prod
 fp32, TFLite fp32, Core ML 4-bit per-tensor: the cheapest settings of each); every case copies that
 directory (hard links: a mutated file is replaced, never written through the link) and changes one thing:
 
-- every key of genai_config.json / tflite_config.json / coreml_config.json, walking the JSON (sections
+- every key of onnx_config.json / tflite_config.json / coreml_config.json, walking the JSON (sections
   and leaves, list items; a weight map's first entry stands for all of it), is deleted, set to null,
   a list, a string, -1, 0, 1e9 and (where numeric) NaN;
 - each config and export_report.json as a whole: non-UTF-8 bytes, truncated JSON, a JSON list,
@@ -56,7 +56,7 @@ FIRST = "#0"           # in a key path: the first entry of a data mapping (a wei
 
 # -- formats ---------------------------------------------------------------------------------------------
 
-RUNTIMES = {"onnx": ("vlm_factory.runtime.onnx_runtime", "OnnxRuntime", "genai_config.json"),
+RUNTIMES = {"onnx": ("vlm_factory.runtime.onnx_runtime", "OnnxRuntime", "onnx_config.json"),
             "tflite": ("vlm_factory.runtime.tflite_runtime", "TFLiteRuntime", "tflite_config.json"),
             "coreml": ("vlm_factory.runtime.coreml_runtime", "CoreMLRuntime", "coreml_config.json")}
 NEEDS = {"onnx": ("onnxruntime", "onnxscript"), "tflite": ("ai_edge_litert", "litert_torch"),
@@ -209,7 +209,7 @@ def written_configs() -> dict[str, dict]:
     """The runtime configs as the exporters write them for the bundled base, built at collection time
     from the exporters' own builders (Core ML builds its config inline: its layout is spelled out, and
     `test_generated_keys_are_every_key_of_the_export` checks all three against real exports)."""
-    from vlm_factory.export.onnx_graphs import genai_config
+    from vlm_factory.export.onnx_graphs import onnx_config
     from vlm_factory.export.tflite_export import tflite_config, tflite_settings
     from vlm_factory.families import family_of
 
@@ -229,7 +229,7 @@ def written_configs() -> dict[str, dict]:
         "output_projection": None, "constant_parameters": {}, "unused_parameters": ["", ""],
         "embedding": {"file": "embed_tokens.npy", "parameter": "", "dtype": "float32", "palettized": False},
     }
-    return {"onnx": genai_config(None, processor, family),
+    return {"onnx": onnx_config(None, processor, family),
             "tflite": tflite_config(family, processor, tflite_settings({"precision": "fp32"}, "t"), context,
                                     (text.vocab_size, text.hidden_size)),
             "coreml": coreml}
@@ -296,8 +296,8 @@ REPORT_CASES = key_cases(written_report(), "gguf")
 # -- what the runtime cannot refuse, and why (fnmatch patterns over "format:key:mutation") --------------------
 
 HARMLESS = {
-    # Labels and notes for people and ORT GenAI: the runtime reads none of them, any string is one.
-    "onnx:model.type:string", "tflite:model.type:string", "tflite:model.variant:string",
+    # Labels and notes for people: the runtime reads none of them, any string is one.
+    "onnx:model.family:string", "tflite:model.type:string", "tflite:model.variant:string",
     "onnx:prompt.note:delete", "onnx:prompt.note:null", "onnx:prompt.note:string",
     "tflite:model.decoder.note:string", "coreml:preprocessing_text:string",
     # Token ids apps may use for BOS and padding; batch-1 greedy decoding from the exported prompt uses
@@ -340,6 +340,8 @@ BLAMED = {
     "coreml:packages.*.weights.#0:delete": "packages / unused_parameters",
     "coreml:unused_parameters:list": "packages / unused_parameters",
     "coreml:unused_parameters.*:delete": "packages / unused_parameters",
+    # Another id below the vocabulary is well-formed; the list is what lacks the tokenizer's EOS.
+    "onnx:model.eos_token_ids.0:zero": "model.eos_token_ids: [0] lacks the tokenizer's EOS id",
 }
 
 
@@ -460,14 +462,14 @@ def test_gguf_report_key_mutation(exports, baselines, tmp_path, prefix, path, mu
 
 ONNX_REPORT_KEYS = [("format",), ("files",), ("files", "text"), ("files", "text", "file"),
                     ("files", "vision", "file"), ("tools",), ("tools", "onnxruntime")]
-# Keys the ONNX report holds that no code reads back (the runtime reads genai_config.json): any value.
+# Keys the ONNX report holds that no code reads back (the runtime reads onnx_config.json): any value.
 ONNX_REPORT_UNREAD = [("precision",), ("opset",), ("exporter",), ("files", "text", "file_bytes")]
 ONNX_REPORT_HARMLESS = {
     # A tool version is a string or null (package_versions writes null for a missing package); the
     # versions are optional altogether (publish/bundle.py reads them with a default).
     (("tools", "onnxruntime"), "null"), (("tools", "onnxruntime"), "string"), (("tools", "onnxruntime"), "delete"),
     (("tools",), "delete"),
-    # The ONNX runtime takes its graphs' names from genai_config.json; the report's file list feeds the
+    # The ONNX runtime takes its graphs' names from onnx_config.json; the report's file list feeds the
     # committed summary. A report listing fewer files is not one the runtime can tell from a real one.
     (("files", "text"), "delete"),
 }
@@ -682,9 +684,9 @@ def _with(raw: bytes, path: tuple, value) -> bytes:
 # (format, file, how to change it, what the one error line says). The first one hung the adapter before
 # the schema (it built two billion input names); the last is a native file, refused by onnx.load's parser.
 CLI_CASES = {
-    "onnx-layers-1e9": ("onnx", "genai_config.json",
+    "onnx-layers-1e9": ("onnx", "onnx_config.json",
                         lambda raw: _with(raw, ("model", "decoder", "num_hidden_layers"), 1e9),
-                        "genai_config.json: model.decoder.num_hidden_layers"),
+                        "onnx_config.json: model.decoder.num_hidden_layers"),
     "tflite-negative-prefill": ("tflite", "tflite_config.json",
                                 lambda raw: _with(raw, ("model", "decoder", "prefill_length"), -1),
                                 "tflite_config.json: model.decoder.prefill_length"),

@@ -424,7 +424,7 @@ def test_runtime_refuses_every_mutation_without_crashing(gguf_cases):
         assert all(needle in message for needle in needles), (case_id, message)
 
 
-@pytest.mark.parametrize("runtime, name", [("onnx_runtime.OnnxRuntime", "genai_config.json"),
+@pytest.mark.parametrize("runtime, name", [("onnx_runtime.OnnxRuntime", "onnx_config.json"),
                                            ("tflite_runtime.TFLiteRuntime", "tflite_config.json"),
                                            ("coreml_runtime.CoreMLRuntime", "coreml_config.json")])
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]"], ids=["syntax", "not-utf8", "list"])

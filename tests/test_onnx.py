@@ -81,14 +81,14 @@ def test_report_files_and_config(exported, reference):
         assert (out / info["file"]).stat().st_size == info["file_bytes"], role
     assert report["total_bytes"] == sum(f["file_bytes"] for f in report["files"].values())
     names = {p.name for p in out.iterdir()}
-    assert {"vision.onnx", "embedding.onnx", "text.onnx", "genai_config.json", "processor_config.json",
+    assert {"vision.onnx", "embedding.onnx", "text.onnx", "onnx_config.json", "answer.py", "processor_config.json",
             "tokenizer.json", EXPORT_REPORT} <= names
     assert not [n for n in names if n.endswith(".data") or n.startswith(".")]  # weights inside, no leftovers
-    config = json.loads((out / "genai_config.json").read_text())
+    config = json.loads((out / "onnx_config.json").read_text())
     model, processor = reference
     assert config["prompt"]["template"].replace("{question}", "Q?") == user_prompt("Q?")
     assert config["model"]["vision"]["num_image_tokens"] == model.config.image_seq_length
-    assert config["model"]["eos_token_id"] == processor.tokenizer.eos_token_id
+    assert config["model"]["eos_token_ids"] == [processor.tokenizer.eos_token_id]
     assert config["model"]["vision"]["preprocessing"]["pad_color"] == [122, 116, 104]
 
 
@@ -225,7 +225,7 @@ def test_greedy_answers_agree_with_the_reference(runtime, reference, eval_record
 def test_runtime_refuses_a_directory_without_an_export(tmp_path):
     from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 
-    with pytest.raises(UserError, match="genai_config.json: not found"):
+    with pytest.raises(UserError, match="onnx_config.json: not found"):
         OnnxRuntime(tmp_path)
 
 
@@ -281,9 +281,9 @@ def test_gate_fails_a_centre_crop_package_on_aspect_and_preprocessing(exported, 
                 thresholds=configured_thresholds(root, "onnx", {"precision": "fp32"}), artifact_bytes=0)
     cropping = tmp_path / "centre-crop"
     shutil.copytree(exported[0], cropping)
-    config = json.loads((cropping / "genai_config.json").read_text())
+    config = json.loads((cropping / "onnx_config.json").read_text())
     config["model"]["vision"]["preprocessing"] = image_preprocessing(build_image_processor(64, letterbox=False))
-    (cropping / "genai_config.json").write_text(json.dumps(config))
+    (cropping / "onnx_config.json").write_text(json.dumps(config))
     with OnnxRuntime(exported[0]) as faithful_runtime:
         faithful = evaluate_artifact(faithful_runtime, **gate)
     with OnnxRuntime(cropping) as runtime:

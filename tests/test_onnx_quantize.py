@@ -235,7 +235,7 @@ def test_int8_report_lists_fusions_and_quantized_nodes(int8, fp32, reference):
 
 def test_int8_ort_format_files_exist_and_load(int8):
     out, report = int8
-    config = json.loads((out / "genai_config.json").read_text())
+    config = json.loads((out / "onnx_config.json").read_text())
     rng = np.random.default_rng(0)
     feeds = {"vision": {"pixel_values": rng.standard_normal((1, 3, 64, 64), dtype=np.float32)},
              "embedding": {"input_ids": np.array([[1, 5, 9]], dtype=np.int64)}}
@@ -250,6 +250,27 @@ def test_int8_ort_format_files_exist_and_load(int8):
             diff = np.abs(session.run(None, feeds[role])[0] - onnx_session.run(None, feeds[role])[0]).max()
             assert diff <= 1e-5, role
     assert report["ort_total_bytes"] == sum((out / f["ort"]["file"]).stat().st_size for f in report["files"].values())
+
+
+def test_int8_package_carries_the_example_and_it_answers_as_the_adapter(int8, synthetic_data):
+    """A tier's package carries answer.py too (tests/test_onnx_package.py runs it on every family's fp32
+    export); on the quantized graphs it answers as the adapter, string for string (same graphs, greedy)."""
+    import subprocess
+    import sys
+
+    from vlm_factory.data.images import load_image
+    from vlm_factory.data.records import read_jsonl
+    from vlm_factory.export.onnx_graphs import EXAMPLE
+    from vlm_factory.runtime.onnx_runtime import OnnxRuntime
+
+    out, _ = int8
+    assert (out / "answer.py").read_bytes() == EXAMPLE.read_bytes()
+    record = read_jsonl(synthetic_data / "eval.jsonl")[0]
+    done = subprocess.run([sys.executable, "-I", str(out / "answer.py"), str(synthetic_data / record.image),
+                           record.question], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with OnnxRuntime(out) as runtime:
+        assert done.stdout.strip() == runtime.answer([load_image(synthetic_data / record.image)], [record.question])[0]
 
 
 # -- FP16 and optimised fp32 -----------------------------------------------------------------------

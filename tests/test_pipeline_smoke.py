@@ -124,6 +124,25 @@ def test_dvc_repro_runs_every_stage_then_nothing(workspace):
     assert "didn't change" in again or "up to date" in again.lower()
 
 
+def test_releases_are_signed_and_answer_in_each_runtime(workspace, tmp_path):
+    """The default publish signs with a development key made on first use; `ask --artifact` fetches a release,
+    checks its signature and files, and answers from its GGUF, ONNX and TFLite files as the export directories
+    that were gated answer."""
+    public = workspace / "artifacts" / "keys" / "release-signing.pem.pub"
+    uri = json.loads((workspace / "metrics" / "publish.json").read_text())["releases"]["android_flagship"]["uri"]
+    verified = _run([sys.executable, "-m", "vlm_factory.cli", "verify", uri, "--public-key", str(public)], workspace)
+    assert "its signature verifies with" in verified
+    record = json.loads((workspace / "artifacts" / "data" / "eval.jsonl").read_text().splitlines()[0])
+    image, question = str(workspace / "artifacts" / "data" / record["image"]), record["question"]
+    for fmt in ("gguf", "onnx", "tflite"):
+        ask = [sys.executable, "-m", "vlm_factory.cli", "ask", image, question]
+        released = _run([*ask, "--artifact", uri, "--format", fmt, "--public-key", str(public),
+                         "--cache", str(tmp_path)], workspace).strip()
+        exported = _run([*ask, "--artifact", f"artifacts/export/android_flagship/{fmt}"], workspace).strip()
+        assert released and released == exported, fmt
+    assert (tmp_path / "android_flagship" / uri.rsplit("/", 1)[1] / "manifest.sig").is_file()
+
+
 def test_a_failed_gate_stops_with_a_table(workspace):
     """A gate no quantized artifact passes (a cosine floor of exactly 1 with a Q8_0 tower, no drop allowed):
     exit 1, a table naming the failing check, the verdict kept. (Floors above 1 are refused by the params

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from vlm_factory.config import load_params
 from vlm_factory.errors import GateFailed, UserError
 from vlm_factory.publish.release import check_release, files_root, read_manifest
 from vlm_factory.publish.run import publish_tiers, split_release_uri
+from vlm_factory.publish.signing import generate_key
 from vlm_factory.publish.store import FileStore, S3Store
 
 from conftest import moto_s3_endpoint
@@ -37,9 +39,21 @@ def bucket(s3_endpoint, request):
 
 
 @pytest.fixture
-def release_inputs(tmp_path, root, synthetic_data, random_checkpoint):
-    """One tier (android_budget: gguf + onnx) with small export directories, passing verdicts and a budget."""
+def signing_key(tmp_path):
+    """A P-256 key pair of this test's own (publish.signing.key points at it)."""
+    key = tmp_path / "keys" / "release.pem"
+    generate_key(key)
+    return key
+
+
+@pytest.fixture
+def release_inputs(tmp_path, root, synthetic_data, random_checkpoint, signing_key, monkeypatch):
+    """One tier (android_budget: gguf + onnx) with small export directories, passing verdicts and a budget,
+    signed with the test's key (never a developer's $VLM_FACTORY_SIGNING_KEY)."""
+    monkeypatch.delenv("VLM_FACTORY_SIGNING_KEY", raising=False)
     params = OmegaConf.load(root / "params.yaml")
+    params.publish.signing = {"key": str(signing_key), "key_env": "VLM_FACTORY_SIGNING_KEY", "password_env": None,
+                              "generate": False, "required": True}
     params.tiers = {TIER: params.tiers[TIER]}
     params.targets = {fmt: ({TIER: by_tier[TIER]} if TIER in by_tier else {}) for fmt, by_tier in params.targets.items()}
     params_path = tmp_path / "params.yaml"
@@ -47,7 +61,7 @@ def release_inputs(tmp_path, root, synthetic_data, random_checkpoint):
     rng = np.random.default_rng(0)
     exports, parity, budgets = tmp_path / "export", tmp_path / "parity", tmp_path / "budget"
     for fmt, files in {"gguf": {"llm-Q4_K_M.gguf": 3000, "mmproj-Q8_0.gguf": 2000},
-                       "onnx": {"text.onnx": 11 * 2**20, "vision.onnx": 1500, "genai_config.json": 100}}.items():
+                       "onnx": {"text.onnx": 11 * 2**20, "vision.onnx": 1500, "onnx_config.json": 100}}.items():
         out = exports / TIER / fmt
         out.mkdir(parents=True)
         for name, size in files.items():
@@ -99,7 +113,7 @@ def test_full_publish_to_s3_is_verified_and_moves_latest(release_inputs, s3_endp
     assert manifest["tools"] == {"gguf": {"gguf": "1.0"}, "onnx": {"onnx": "1.0"}}
     latest = json.loads(store.get_bytes(f"{TIER}/latest.json"))
     assert latest == {"version": release["version"], "manifest": f"{prefix}/manifest.json", "files": root}
-    assert sorted(store.keys(prefix)) == sorted([f"{prefix}/manifest.json"]
+    assert sorted(store.keys(prefix)) == sorted([f"{prefix}/manifest.json", f"{root}/manifest.sig"]
                                                 + [f"{root}/{name}" for name in manifest["files"]])
     card = store.get_bytes(f"{root}/README.md").decode()
     assert "| gguf | 86.00 % | 87.00 % | -1.00" in card and "llm-Q4_K_M.gguf" in card
@@ -203,3 +217,155 @@ def test_a_release_from_before_upload_prefixes_still_verifies(tmp_path):
     assert json.loads(store.get_bytes(f"{TIER}/latest.json"))["files"] == f"{TIER}/0.9.0"
     store.put_bytes(f"{TIER}/0.9.0/extra.bin", b"x")
     assert check_release(store, f"{TIER}/0.9.0") == ["extra.bin: not in the manifest"]
+
+
+# -- signatures ---------------------------------------------------------------------------------------
+
+def _verify_cli(uri, *args):
+    return subprocess.run([sys.executable, "-m", "vlm_factory.cli", "verify", uri, *args],
+                          capture_output=True, text=True)
+
+
+def test_a_signed_release_verifies_with_its_key_and_with_the_standard_tool(release_inputs, s3_endpoint, bucket,
+                                                                           signing_key, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from vlm_factory.publish.signing import public_key_sha256
+
+    store = _s3(s3_endpoint, bucket)
+    release = _publish(release_inputs, store)["releases"][TIER]
+    assert release["signed"] is True
+    prefix = split_release_uri(release["uri"])[1]
+    manifest = read_manifest(store, prefix)
+    public = signing_key.with_name("release.pem.pub")
+    assert manifest["signature"]["public_key_sha256"] == public_key_sha256(public.read_bytes())
+    ok = _verify_cli(release["uri"], "--endpoint-url", s3_endpoint, "--public-key", str(public))
+    assert ok.returncode == 0 and f"its signature verifies with {public}" in ok.stdout
+    # The signature is OpenSSF model signing's own format: its CLI verifies the downloaded manifest.
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / "manifest.json").write_bytes(store.get_bytes(f"{prefix}/manifest.json"))
+    (tmp_path / "manifest.sig").write_bytes(store.get_bytes(f"{files_root(prefix, manifest)}/manifest.sig"))
+    tool = subprocess.run([str(Path(sys.executable).parent / "model_signing"), "verify", "key", "--signature",
+                           str(tmp_path / "manifest.sig"), "--public_key", str(public),
+                           str(tmp_path / "dl" / "manifest.json")], capture_output=True, text=True)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    # Another key's public half does not verify it; the private key's file is not a public key.
+    other = tmp_path / "other.pem"
+    generate_key(other)
+    wrong = _verify_cli(release["uri"], "--endpoint-url", s3_endpoint, "--public-key", f"{other}.pub")
+    assert wrong.returncode == 1 and "manifest.sig: does not verify manifest.json" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    not_public = _verify_cli(release["uri"], "--endpoint-url", s3_endpoint, "--public-key", str(signing_key))
+    assert not_public.returncode == 2 and f"{signing_key}: not a PEM public key" in not_public.stderr
+    assert serialization.load_pem_private_key(signing_key.read_bytes(), None)  # (it is the private key)
+
+
+def test_a_tampered_manifest_or_signature_fails_verification(release_inputs, tmp_path, signing_key):
+    from vlm_factory.publish.release import manifest_bytes_of
+    from vlm_factory.publish.signing import resolve_key, sign_manifest
+
+    store = FileStore(tmp_path / "releases")
+    uri = _publish(release_inputs, store)["releases"][TIER]["uri"]
+    prefix = split_release_uri(uri)[1]
+    uri = f"file://{tmp_path / 'releases'}/{prefix}"
+    public = f"{signing_key}.pub"
+    manifest = read_manifest(store, prefix)
+    signature_key = f"{files_root(prefix, manifest)}/manifest.sig"
+    original, signature = store.get_bytes(f"{prefix}/manifest.json"), store.get_bytes(signature_key)
+
+    # Files and manifest replaced together (a consistent forgery): hashes match, only the signature tells.
+    forged_budget = b'{"memory_budget_mb": 99999}'
+    store.put_bytes(f"{files_root(prefix, manifest)}/budget.json", forged_budget)
+    import hashlib
+    forged = {**manifest, "files": {**manifest["files"], "budget.json": {
+        "sha256": hashlib.sha256(forged_budget).hexdigest(), "size": len(forged_budget)}}}
+    store.put_bytes(f"{prefix}/manifest.json", manifest_bytes_of(forged))
+    unchecked = _verify_cli(uri)
+    assert unchecked.returncode == 0 and "signature not checked (pass --public-key" in unchecked.stdout
+    checked = _verify_cli(uri, "--public-key", public)
+    assert checked.returncode == 1
+    assert checked.stderr.splitlines()[1].strip().startswith("manifest.sig: does not verify manifest.json")
+
+    # The forger's own signature over the forged manifest: valid, but not with the publisher's key.
+    forger = tmp_path / "forger.pem"
+    generate_key(forger)
+    forger_key = resolve_key(key=str(forger), key_env=None, password_env=None, generate=False, required=True)
+    store.put_bytes(signature_key, sign_manifest(manifest_bytes_of(forged), forger_key))
+    assert _verify_cli(uri, "--public-key", f"{forger}.pub").returncode == 0
+    assert "manifest.sig: does not verify" in _verify_cli(uri, "--public-key", public).stderr
+
+    # The original manifest back, its signature deleted: missing, with or without a key.
+    store.put_bytes(f"{prefix}/manifest.json", original)
+    (tmp_path / "releases" / signature_key).unlink()
+    assert "manifest.sig: missing (the release is not signed)" in _verify_cli(uri, "--public-key", public).stderr
+    assert "manifest.sig: missing (the manifest says" in _verify_cli(uri).stderr
+    store.put_bytes(signature_key, signature)
+    assert "budget.json: sha256" in _verify_cli(uri, "--public-key", public).stderr  # the forged file remains
+
+
+def test_signing_keys_come_from_config_or_environment_and_are_never_logged(tmp_path, monkeypatch, caplog):
+    from vlm_factory.publish.signing import public_key_sha256, resolve_key
+
+    generated = tmp_path / "dev" / "release.pem"
+    key = resolve_key(key=str(generated), key_env="TEST_SIGNING_KEY", password_env=None, generate=True,
+                      required=True)
+    assert generated.stat().st_mode & 0o777 == 0o600 and (tmp_path / "dev" / "release.pem.pub").is_file()
+    assert public_key_sha256(key.public_pem()) == public_key_sha256((tmp_path / "dev" / "release.pem.pub").read_bytes())
+    pem = generated.read_text()
+    monkeypatch.setenv("TEST_SIGNING_KEY", pem)  # the PEM itself, as a CI secret holds it
+    from_env = resolve_key(key=None, key_env="TEST_SIGNING_KEY", password_env=None, generate=False, required=True)
+    assert from_env.origin == "$TEST_SIGNING_KEY" and from_env.pem == pem.encode()
+    monkeypatch.setenv("TEST_SIGNING_KEY", str(tmp_path / "nowhere.pem"))
+    with pytest.raises(UserError, match=r"^\$TEST_SIGNING_KEY: names no file"):
+        resolve_key(key=str(generated), key_env="TEST_SIGNING_KEY", password_env=None, generate=False, required=True)
+    monkeypatch.delenv("TEST_SIGNING_KEY")
+    with pytest.raises(UserError, match="publish.signing.key: .*missing.pem does not exist"):
+        resolve_key(key=str(tmp_path / "missing.pem"), key_env=None, password_env=None, generate=False, required=True)
+    with pytest.raises(UserError, match=r"publish.signing: no key .* publish.signing.required is true"):
+        resolve_key(key=None, key_env="TEST_SIGNING_KEY", password_env=None, generate=False, required=True)
+    assert resolve_key(key=None, key_env=None, password_env=None, generate=False, required=False) is None
+    (tmp_path / "rsa.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(UserError, match="rsa.pem: not a usable PEM private key"):
+        resolve_key(key=str(tmp_path / "rsa.pem"), key_env=None, password_env=None, generate=False, required=True)
+    body = pem.splitlines()[1]
+    assert all(body not in record.getMessage() for record in caplog.records)
+
+
+def test_key_material_in_params_is_refused(tmp_path, root):
+    params = OmegaConf.load(root / "params.yaml")
+    params.publish.signing.key = "-----BEGIN PRIVATE KEY-----"
+    OmegaConf.save(params, tmp_path / "params.yaml")
+    with pytest.raises(UserError, match="'publish.signing.key' holds key material"):
+        load_params(tmp_path / "params.yaml")
+    params.publish.signing.key = None
+    params.publish.signing.key_env = "not a variable"
+    OmegaConf.save(params, tmp_path / "params.yaml")
+    with pytest.raises(UserError, match="publish.signing.key_env"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_fetching_a_release_checks_its_signature_first_and_every_file(release_inputs, tmp_path, signing_key):
+    from vlm_factory.publish.fetch import fetch_release
+
+    store = FileStore(tmp_path / "releases")
+    release = _publish(release_inputs, store)["releases"][TIER]
+    public = signing_key.with_name("release.pem.pub").read_bytes()
+    folder = fetch_release(store, TIER, "latest", tmp_path / "cache", public)
+    assert folder == tmp_path / "cache" / TIER / release["version"]
+    local = release_inputs["export_root"] / TIER / "gguf" / "llm-Q4_K_M.gguf"
+    assert (folder / "gguf" / "llm-Q4_K_M.gguf").read_bytes() == local.read_bytes()
+    assert (folder / "manifest.sig").is_file() and (folder / ".complete").is_file()
+    assert fetch_release(store, TIER, release["version"], tmp_path / "cache", public) == folder  # re-hashed only
+    other = tmp_path / "other.pem"
+    generate_key(other)
+    with pytest.raises(UserError, match="manifest.sig: does not verify.*not fetched"):
+        fetch_release(store, TIER, "latest", tmp_path / "cache2", (tmp_path / "other.pem.pub").read_bytes())
+    assert not (tmp_path / "cache2").exists()  # refused before any file was fetched
+    prefix = split_release_uri(release["uri"])[1]
+    root = tmp_path / "releases" / files_root(prefix, read_manifest(store, prefix))
+    (root / "budget.json").write_text("{}")
+    with pytest.raises(UserError, match="budget.json: sha256 .* differs from the manifest's; the release is damaged"):
+        fetch_release(store, TIER, "latest", tmp_path / "cache3", public)
+    (folder / "budget.json").write_text("{}")
+    with pytest.raises(UserError, match="budget.json: changed since it was fetched"):
+        fetch_release(store, TIER, release["version"], tmp_path / "cache", None)

@@ -99,26 +99,42 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _ask(args: argparse.Namespace) -> None:
-    from vlm_factory.data.images import load_image
-    from vlm_factory.eval.generate import answer_questions
-    from vlm_factory.model.checkpoint import load_checkpoint
+    if args.artifact is None:
+        if args.format:
+            raise UserError("--format chooses among an artifact's formats: pass --artifact as well")
+        from vlm_factory.data.images import load_image
+        from vlm_factory.eval.generate import answer_questions
+        from vlm_factory.model.checkpoint import load_checkpoint
 
-    model, processor = load_checkpoint(args.model)
-    image = load_image(Path(args.image))
-    print(answer_questions(model, processor, [image], [args.question])[0])
+        model, processor = load_checkpoint(args.model)
+        image = load_image(Path(args.image))
+        print(answer_questions(model, processor, [image], [args.question])[0])
+        return
+    from vlm_factory.ask import ask, locate
+    from vlm_factory.publish.signing import read_public_key
+
+    public_key = read_public_key(Path(args.public_key)) if args.public_key else None
+    located = locate(args.artifact, args.format, public_key=public_key,
+                     cache=Path(args.cache) if args.cache else None, endpoint_url=args.endpoint_url,
+                     region=args.region)
+    print(ask(located, Path(args.image), args.question))
 
 
 def _verify(args: argparse.Namespace) -> None:
     from vlm_factory.publish.release import check_release
     from vlm_factory.publish.run import split_release_uri
+    from vlm_factory.publish.signing import read_public_key
     from vlm_factory.publish.store import open_store
 
+    public_key = read_public_key(Path(args.public_key)) if args.public_key else None
     store_uri, prefix = split_release_uri(args.release)
-    problems = check_release(open_store(store_uri, args.endpoint_url, args.region), prefix)
+    problems = check_release(open_store(store_uri, args.endpoint_url, args.region), prefix, public_key)
     if problems:
         print(f"{args.release}: FAILED", *(f"  {p}" for p in problems), sep="\n", file=sys.stderr)
         raise SystemExit(1)
-    print(f"{args.release}: every file matches manifest.json")
+    signature = (f"its signature verifies with {args.public_key}" if public_key else
+                 "signature not checked (pass --public-key to check it)")
+    print(f"{args.release}: every file matches manifest.json; {signature}")
 
 
 def _gc(args: argparse.Namespace) -> None:
@@ -132,6 +148,20 @@ def _gc(args: argparse.Namespace) -> None:
     store = open_store(args.store, args.endpoint_url, args.region)
     report = collect_garbage(store, grace=timedelta(hours=args.grace_hours), delete=args.delete)
     print(format_report(report, store.uri))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from vlm_factory.io import atomic_path
+    from vlm_factory.publish.report_html import read_budget, read_parity_result, read_search_result, render_report
+
+    if args.data is not None and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: not a directory; give the eval data (e.g. artifacts/data)")
+    page = render_report([read_parity_result(p) for p in args.parity],
+                         search=[read_search_result(p) for p in args.search],
+                         budgets=[read_budget(p) for p in args.budget], data_dir=args.data, title=args.title)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,14 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--reference-metrics", default="metrics/reference.json")
     search.set_defaults(func=_search)
 
-    ask = sub.add_parser("ask", help="ask a model (HF directory) a question about an image")
+    ask = sub.add_parser("ask", help="ask a question about an image: the PyTorch model (HF directory), or with "
+                                     "--artifact an exported file in its own runtime")
     ask.add_argument("image")
     ask.add_argument("question")
-    ask.add_argument("--model", default="artifacts/finetuned")
+    ask.add_argument("--model", default="artifacts/finetuned", help="the HF model directory (without --artifact)")
+    ask.add_argument("--artifact", default=None,
+                     help="an export directory, a release folder, or a release URI "
+                          "(file://artifacts/releases/<tier>/<version> or s3://bucket/prefix/<tier>/latest)")
+    ask.add_argument("--format", default=None, choices=["gguf", "onnx", "coreml", "tflite"],
+                     help="which of a release's formats to run (needed when it has several)")
+    ask.add_argument("--public-key", default=None,
+                     help="the publisher's public key (PEM): a release URI's signature must verify with it")
+    ask.add_argument("--cache", default=None, help="where fetched releases go (default ~/.cache/vlm-factory)")
+    ask.add_argument("--endpoint-url", default=None, help="S3 API endpoint (credentials: the AWS chain)")
+    ask.add_argument("--region", default=None)
     ask.set_defaults(func=_ask)
 
-    verify = sub.add_parser("verify", help="re-hash a published release against its manifest (exit 1 if not)")
+    verify = sub.add_parser("verify", help="re-hash a published release against its manifest and check the manifest's "
+                                           "signature (exit 1 if either fails)")
     verify.add_argument("release", help="<store uri>/<tier>/<version>, e.g. file://artifacts/releases/jetson_orin/c1a2...")
+    verify.add_argument("--public-key", default=None,
+                        help="the publisher's public key (PEM): the manifest's signature must verify with it")
     verify.add_argument("--endpoint-url", default=None, help="S3 API endpoint (credentials: the AWS chain)")
     verify.add_argument("--region", default=None)
     verify.set_defaults(func=_verify)
@@ -201,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--endpoint-url", default=None, help="S3 API endpoint (credentials: the AWS chain)")
     gc.add_argument("--region", default=None)
     gc.set_defaults(func=_gc)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of parity results: tables, accuracy "
+                                           "against size, drift by component, budgets, flipped questions")
+    report.add_argument("parity", nargs="+", metavar="PARITY_JSON", help="parity results, e.g. metrics/parity/*.json")
+    report.add_argument("--search", nargs="*", default=[], metavar="JSON",
+                        help="search results to plot as candidates (metrics/search/*.json)")
+    report.add_argument("--budget", nargs="*", default=[], metavar="JSON", help="tier budgets (metrics/budget/*.json)")
+    report.add_argument("--data", type=Path, default=None,
+                        help="eval data the flipped questions' images are named in (e.g. artifacts/data)")
+    report.add_argument("--title", default=None)
+    report.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    report.set_defaults(func=_report)
     return parser
 
 

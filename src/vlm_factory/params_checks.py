@@ -262,6 +262,14 @@ def _validate_publish(params: Params, path: Path) -> None:
         if "@" in endpoint.netloc:
             raise UserError(f"{path}: key 'publish.endpoint_url' holds credentials; params.yaml is committed: "
                             "credentials come only from the AWS chain (environment, profile, instance role)")
+    signing = publish.signing
+    if signing.key is not None and "BEGIN" in signing.key:
+        raise UserError(f"{path}: key 'publish.signing.key' holds key material; params.yaml is committed: "
+                        "give a path, or put the PEM in the variable publish.signing.key_env names")
+    for name in ("key_env", "password_env"):
+        variable = getattr(signing, name)
+        if variable is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+            raise _refuse(path, f"publish.signing.{name}", variable, "null or an environment variable's name")
 
 
 def validate_params(params: Params, path: Path) -> None:

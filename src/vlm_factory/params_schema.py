@@ -138,6 +138,16 @@ class ExportConfig:
 
 
 @dataclass
+class SigningConfig:
+    """The key that signs every release's manifest (publish/signing.py); the key itself never goes in params."""
+    key: Optional[str] = None               # path of a PEM elliptic-curve private key
+    key_env: Optional[str] = "VLM_FACTORY_SIGNING_KEY"  # a variable holding a key path or the PEM; wins over key
+    password_env: Optional[str] = None      # a variable holding the key's password, if it is encrypted
+    generate: bool = False                  # create `key` (and key.pub) when missing: local development only
+    required: bool = True                   # refuse to publish unsigned
+
+
+@dataclass
 class PublishConfig:
     uri: str = "file://artifacts/releases"
     endpoint_url: Optional[str] = None
@@ -145,6 +155,7 @@ class PublishConfig:
     # None: each release is named by its content; set it to pin a version (then refused if it exists differently).
     version: Optional[str] = None
     multipart_threshold_mb: int = 64
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Keep every path an artifact or model directory names inside that directory.
 
-Export reports, runtime configs (genai_config.json, tflite_config.json, coreml_config.json), ONNX
+Export reports, runtime configs (onnx_config.json, tflite_config.json, coreml_config.json), ONNX
 external-data references and SHA256SUMS entries all name files by a string someone else wrote. A
 crafted or corrupted directory could name `/etc/passwd`, `../../secrets.bin`, or a symlink that
 points out of it, and the runtime that opens the name would then read (and, for checksums, hash and

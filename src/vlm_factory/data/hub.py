@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from vlm_factory.data.images import decode_image, load_image
 from vlm_factory.data.records import VQARecord, aspect_class, write_jsonl
 from vlm_factory.errors import UserError
 from vlm_factory.io import atomic_dir
+from vlm_factory.logs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class _SplitWriter:
         (self.out_dir / "images" / self.split).mkdir(parents=True, exist_ok=True)
         rows = islice(((row, chunk) for chunk in chunks for row in chunk.rows), total)
         return [self.record(row, index, chunk)
-                for index, (row, chunk) in enumerate(tqdm(rows, total=total, desc=self.split, unit="q"))]
+                for index, (row, chunk) in enumerate(progress_bar(rows, total=total, desc=self.split, unit="q"))]
 
     def record(self, row: dict[str, Any], index: int, chunk: _Chunk) -> VQARecord:
         question_id = _stable_int(row["question_id"]) if row.get("question_id") is not None else index

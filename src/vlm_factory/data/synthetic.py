@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from vlm_factory.data.questions import QA, QUESTION_TYPES, ask, confusable_answers, human_answers
 from vlm_factory.data.records import VQARecord, write_jsonl
 from vlm_factory.data.scenes import ASPECTS, Scene, render_scene, sample_scene
 from vlm_factory.io import atomic_dir
+from vlm_factory.logs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def write_split(out_dir: Path, split: str, seed: int, n_images: int, questions_p
     records: list[VQARecord] = []
     started = time.perf_counter()
     images = iter_split(seed, split, n_images, questions_per_image, cell_px)
-    for item in tqdm(images, total=n_images, desc=f"render {split}", unit="img"):
+    for item in progress_bar(images, total=n_images, desc=f"render {split}", unit="img"):
         rel = f"images/{split}/{item.image_id}.png"
         item.image.save(out_dir / rel, optimize=False)
         answer_rng = np.random.default_rng([seed, SPLIT_IDS[split], item.image_id, zlib.crc32(b"answers")])

@@ -34,12 +34,16 @@ from vlm_factory.data.records import VQARecord
 from vlm_factory.errors import UserError
 from vlm_factory.eval.gates import GateThresholds, verdict
 from vlm_factory.eval.generate import first_token_log_probs
-from vlm_factory.eval.parity import answer_agreement, drift_by, first_token_agreement, paired_drift
+from vlm_factory.eval.parity import CORRECT_AT, answer_agreement, drift_by, first_token_agreement, paired_drift
 from vlm_factory.eval.reference import score
 from vlm_factory.families import family_for
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
 
 log = logging.getLogger(__name__)
+
+# Flipped questions a parity result lists (`flips`); `flips_total` counts them all. Enough to look at
+# in a report, small enough to keep metrics files diffable in git.
+MAX_FLIPS_LISTED = 50
 
 
 class Runtime(Protocol):
@@ -199,11 +203,41 @@ def embedding_agreement(runtime: Runtime, images: list[Image.Image], expected: l
             "n_images": len(cosines), "by_aspect": {k: round(float(np.mean(v)), 6) for k, v in sorted(by_aspect.items())}}
 
 
+def flipped_questions(reference: ReferenceSide, scores: list[float], predictions: list[str],
+                      limit: int = MAX_FLIPS_LISTED) -> dict:
+    """The questions whose correctness differs between the reference and the artifact, by the flip rate's own
+    rule (eval/parity.py: correct means a score of at least CORRECT_AT), so `flips_total / n_questions` is
+    the flip rate. Lost answers (right in the reference, wrong in the artifact) come first, each group by
+    question id; at most `limit` are listed."""
+    flips = []
+    for record, ref_score, ref_answer, score_, answer in zip(reference.records, reference.scores, reference.answers,
+                                                            scores, predictions):
+        if (ref_score >= CORRECT_AT) == (score_ >= CORRECT_AT):
+            continue
+        flips.append({"question_id": record.question_id, "image": record.image, "question": record.question,
+                      "question_type": record.question_type, "aspect": record.aspect,
+                      "reference_answer": ref_answer, "artifact_answer": answer,
+                      "reference_score": round(float(ref_score), 4), "artifact_score": round(float(score_), 4)})
+    flips.sort(key=lambda f: (f["artifact_score"] >= CORRECT_AT, f["question_id"]))
+    return {"flips": flips[:limit], "flips_total": len(flips)}
+
+
+def headline(measured: dict, precisions: dict[str, str], size: int) -> dict:
+    """One row of a comparison of artifacts (drift attribution, the precision search): the numbers a gate
+    reads, out of a `measure()` (or parity) result, with the precisions and bytes of the artifact."""
+    agreement, embeddings = measured["agreement"], measured["image_embedding_cosine"]
+    return {"precisions": precisions, "artifact_bytes": size, "vqa_accuracy": measured["vqa_accuracy"],
+            "drift": measured["drift"], "flip_rate": measured["flip_rate"], "answer_agreement": agreement["answers"],
+            "first_token_top1": agreement["first_token_top1"], "first_token_kl": agreement["first_token_kl"],
+            "embedding_cosine": embeddings["mean"], "embedding_cosine_min": embeddings["min"]}
+
+
 def measure(runtime: Runtime, reference: ReferenceSide, label: str, *, max_new_tokens: int = MAX_ANSWER_TOKENS,
             vqa_metric: str = "official") -> dict:
     """What one runtime computes against the reference: accuracy and paired drift (overall, per question
     type, per aspect), agreement with the reference's answers and first-token distributions, and the
-    image-embedding cosine. The gate's inputs, without the preprocessing and budget checks."""
+    image-embedding cosine. The gate's inputs, without the preprocessing and budget checks; and the flipped
+    questions themselves, for a person to look at."""
     records = reference.records
     predictions, agreement = run_answers(runtime, label, reference, max_new_tokens)
     agreement["answers"] = round(answer_agreement(reference.answers, predictions), 4)
@@ -211,6 +245,7 @@ def measure(runtime: Runtime, reference: ReferenceSide, label: str, *, max_new_t
     return {
         "vqa_metric": vqa_metric, "vqa_accuracy": accuracy["vqa_accuracy"], "reference_accuracy": reference.accuracy,
         **paired_drift(reference.scores, scores),
+        **flipped_questions(reference, scores, predictions),
         "agreement": agreement,
         "by_question_type": {"accuracy": accuracy["by_question_type"],
                              "drift": drift_by(records, reference.scores, scores, "question_type")},

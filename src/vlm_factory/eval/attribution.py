@@ -20,21 +20,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from vlm_factory.artifacts import artifact_bytes
-from vlm_factory.eval.artifact_parity import ReferenceSide, Runtime, measure
+from vlm_factory.eval.artifact_parity import ReferenceSide, Runtime, headline, measure
 from vlm_factory.export.components import FULL_PRECISION, component_precisions, full_precision, only
 from vlm_factory.families import COMPONENTS
 
 log = logging.getLogger(__name__)
 
 FLOOR = "floor"  # the variant with every component at the format's full precision
-
-
-def _row(measured: dict, precisions: dict[str, str], size: int) -> dict:
-    agreement, embeddings = measured["agreement"], measured["image_embedding_cosine"]
-    return {"precisions": precisions, "artifact_bytes": size, "vqa_accuracy": measured["vqa_accuracy"],
-            "drift": measured["drift"], "flip_rate": measured["flip_rate"], "answer_agreement": agreement["answers"],
-            "first_token_top1": agreement["first_token_top1"], "first_token_kl": agreement["first_token_kl"],
-            "embedding_cosine": embeddings["mean"], "embedding_cosine_min": embeddings["min"]}
 
 
 def summary(rows: dict[str, dict], reduced: list[str]) -> str:
@@ -65,9 +57,9 @@ def attribute(fmt: str, tier: str, settings: dict, reference: ReferenceSide, *,
             with open_runtime(out) as runtime:
                 measured = measure(runtime, reference, f"{tier}-{fmt} {name} only" if name != FLOOR else
                                    f"{tier}-{fmt} {FLOOR}", max_new_tokens=max_new_tokens, vqa_metric=vqa_metric)
-            rows[name] = _row(measured, component_precisions(fmt, variant, tier), artifact_bytes(out))
+            rows[name] = headline(measured, component_precisions(fmt, variant, tier), artifact_bytes(out))
     if target is not None:
-        rows["target"] = _row(target, precisions, target["artifact_bytes"])
+        rows["target"] = headline(target, precisions, target["artifact_bytes"])
     text = summary(rows, reduced)
     log.info("%s-%s attribution: %s in %.1fs", tier, fmt, text, time.perf_counter() - started)
     return {"method": f"one component at the target's precision, the others at {fmt} full precision ({full}), "

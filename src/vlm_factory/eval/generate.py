@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from vlm_factory.families import family_for
+from vlm_factory.logs import progress_bar
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
 
 
@@ -36,7 +36,7 @@ def _prompt_batches(model, processor, images: Sequence[Image.Image], questions: 
     for index, ids in enumerate(encoded):
         by_shape[len(ids), views[index].count].append(index)
     batches = [idx[i:i + batch_size] for idx in by_shape.values() for i in range(0, len(idx), batch_size)]
-    for batch in tqdm(batches, desc=progress or "answer", disable=progress is None, unit="batch"):
+    for batch in progress_bar(batches, desc=progress or "answer", disable=progress is None, unit="batch"):
         input_ids = torch.tensor([encoded[i] for i in batch])
         pixels = {k: v.to(model.dtype) for k, v in family.generation_pixels([views[i] for i in batch]).items()}
         yield batch, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}

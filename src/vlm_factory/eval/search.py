@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vlm_factory.budget import estimated_weight_bytes
 from vlm_factory.errors import UserError
+from vlm_factory.eval.artifact_parity import headline
 from vlm_factory.eval.gates import GateThresholds
 from vlm_factory.export.components import component_precisions, with_precisions
 from vlm_factory.families import COMPONENTS
@@ -73,13 +74,10 @@ def overrides(fmt: str, tier: str, precisions: dict[str, str]) -> list[str]:
 
 
 def _row(name: str, precisions: dict, estimate: int, result: dict) -> dict:
-    return {"candidate": name, "precisions": precisions, "estimated_weight_bytes": estimate,
-            "artifact_bytes": result["artifact_bytes"], "artifact_mib": round(result["artifact_bytes"] / 2**20, 4),
-            "vqa_accuracy": result["vqa_accuracy"], "drift": result["drift"], "flip_rate": result["flip_rate"],
-            "answer_agreement": result["agreement"]["answers"], "first_token_kl": result["agreement"]["first_token_kl"],
-            "embedding_cosine": result["image_embedding_cosine"]["mean"], "fits": all(
-                c["status"] != "fail" for c in result["checks"] if c["check"] in ("memory_mib", "context_tokens_needed")),
-            "passed": result["passed"], "failure_reason": result.get("failure_reason", "")}
+    fits = all(c["status"] != "fail" for c in result["checks"] if c["check"] in ("memory_mib", "context_tokens_needed"))
+    return {"candidate": name, **headline(result, precisions, result["artifact_bytes"]),
+            "estimated_weight_bytes": estimate, "artifact_mib": round(result["artifact_bytes"] / 2**20, 4),
+            "fits": fits, "passed": result["passed"], "failure_reason": result.get("failure_reason", "")}
 
 
 def search(bench, fmt: str, target: dict, grid: dict, thresholds: GateThresholds, mode: str = "until_pass") -> dict:

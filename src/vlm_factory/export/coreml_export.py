@@ -47,6 +47,7 @@ from vlm_factory.export.context import static_context
 from vlm_factory.export.static_cache import ImageFeatures, StatefulDecoder
 from vlm_factory.families import COMPONENTS
 from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.logs import native_stderr_filtered
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ def export_coreml(model_dir: Path, out_dir: Path, tier: str, settings: dict, dat
     `context_tokens` is the tier's context (`tiers.<tier>.context_tokens`); it sizes the KV cache."""
     settings = coreml_settings(settings, tier)
     try:
-        import coremltools as ct
+        with native_stderr_filtered():  # coremltools imports TensorFlow: its native libraries' loading chatter
+            import coremltools as ct
     except ImportError:
         raise UserError("coremltools is not installed; install it (pip install coremltools) for Core ML exports") from None
     from vlm_factory.model.checkpoint import load_model

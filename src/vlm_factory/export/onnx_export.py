@@ -10,7 +10,8 @@ reduced component's nodes are quantized or converted. A uniform setting takes ex
 Steps, all in a staging directory swapped in only when everything succeeded:
 
 1. `export_onnx_fp32` (onnx_graphs.py): the three fp32 graphs from torch's dynamo exporter, checked
-   against PyTorch at batch 1 / past 0, plus genai_config.json and the processor files.
+   against PyTorch at batch 1 / past 0, plus onnx_config.json (the package contract: onnx_graphs.py),
+   the standalone example answer.py and the processor files.
 2. Optimisation (onnx_optimize.py) of vision and text: onnxscript's transformer fusions, then
    onnxruntime's offline ORT_ENABLE_EXTENDED, saved to file. The optimised graphs must match the
    exported ones within onnx_graphs.SELF_CHECK_ATOL (at two shapes), or the export fails.
@@ -23,8 +24,10 @@ Steps, all in a staging directory swapped in only when everything succeeded:
      the quantized ops into MatMulIntegerToFloat / DynamicQuantizeMatMul; the embedding stays fp32.
 4. With `ort_format`, each final graph also as `<name>.ort` (ONNX Runtime Mobile) beside it.
 
-The final graphs keep the names genai_config.json gives (vision.onnx, embedding.onnx, text.onnx),
-so `OnnxRuntime(out_dir)` loads them; the config records each graph's precision and `.ort` name.
+The final graphs keep the names onnx_config.json gives (vision.onnx, embedding.onnx, text.onnx) and
+their tensors' names, dtypes and shapes (float32 inputs and outputs at every precision), so
+`OnnxRuntime(out_dir)` and the package's answer.py load them; the config records each graph's
+precision and `.ort` name.
 The report also measures the result against the fp32 export: vision-feature cosines on the
 calibration images (per image, all its views' features flattened) and the first answer token's log-probability on training questions (the parity
 stage gates on held-out data; these numbers are for the record).
@@ -48,14 +51,14 @@ from vlm_factory.data.records import read_jsonl
 from vlm_factory.errors import UserError
 from vlm_factory.eval.parity import log_softmax
 from vlm_factory.export.tool_versions import package_versions
-from vlm_factory.export.onnx_graphs import (GENAI_CONFIG, ONNX_TOOLS, OPSET, SELF_CHECK_ATOL, describe_onnx,
-                                            export_onnx_fp32)
+from vlm_factory.export.onnx_graphs import ONNX_TOOLS, OPSET, SELF_CHECK_ATOL, describe_onnx, export_onnx_fp32
 from vlm_factory.export.onnx_optimize import (cpu_fallback_ops, fusions_applied, max_abs_diff, op_histogram,
                                               ort_optimize, run_graph, to_ort_format, transformer_fusions)
 from vlm_factory.export.onnx_quantize import (calibration_pixels, convert_fp16, graph_components, node_components,
                                               quantize_decoder_dynamic, quantize_vision_static)
 from vlm_factory.families import COMPONENTS, family_of
 from vlm_factory.io import atomic_dir, scratch_dir, write_json
+from vlm_factory.runtime.artifact_schema import ONNX_CONFIG
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.onnx_runtime import OnnxRuntime
 
@@ -65,7 +68,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 SETTINGS = ("precision", "ort_format", *COMPONENTS)
 VISION_GRAPH = ("vision", "projector")  # the components vision.onnx computes, in order
 DEFAULTS = {"ort_format": False}
-# (report role, genai_config.json section, file name); file names as onnx_graphs writes them.
+# (report role, onnx_config.json section, file name); file names as onnx_graphs writes them.
 ROLES = (("vision", "vision", "vision.onnx"), ("embedding", "embedding", "embedding.onnx"),
          ("text", "decoder", "text.onnx"))
 CHECK_QUESTIONS = 8  # training questions whose first answer token is compared with the fp32 export
@@ -138,14 +141,15 @@ def _timed(message: str, *args) -> Iterator[None]:
     log.info(message + " in %.1fs", *args, time.perf_counter() - started)
 
 
-def _random_feeds(genai: dict) -> tuple[list[dict], list[dict]]:
+def _random_feeds(config: dict) -> tuple[list[dict], list[dict]]:
     """Vision and decoder feeds at two shapes each (batch 1 / past 0, and batch 2 / past 4)."""
-    model = genai["model"]
+    model = config["model"]
     vision, decoder = model["vision"], model["decoder"]
     rng = np.random.default_rng(0)
-    vision_feeds = [{"pixel_values": rng.standard_normal((batch, vision["num_channels"], *vision["image_size"]),
-                                                         dtype=np.float32)} for batch in (1, 2)]
-    inputs = decoder["inputs"]
+    pixels = vision["inputs"]["pixel_values"]["name"]
+    vision_feeds = [{pixels: rng.standard_normal((batch, vision["num_channels"], *vision["image_size"]),
+                                                 dtype=np.float32)} for batch in (1, 2)]
+    inputs = {role: tensor["name"] for role, tensor in decoder["inputs"].items()}
     text_feeds = []
     for batch, sequence, past in ((1, 1, 0), (2, 3, 4)):
         embeds = rng.standard_normal((batch, sequence, decoder["hidden_size"]), dtype=np.float32)
@@ -154,16 +158,16 @@ def _random_feeds(genai: dict) -> tuple[list[dict], list[dict]]:
                 inputs["position_ids"]: np.tile(np.arange(past, past + sequence, dtype=np.int64), (batch, 1))}
         kv_shape = (batch, decoder["num_key_value_heads"], past, decoder["head_size"])
         for i in range(decoder["num_hidden_layers"]):
-            for kind in ("past_key_names", "past_value_names"):
+            for kind in ("past_key", "past_value"):
                 feed[inputs[kind] % i] = rng.standard_normal(kv_shape, dtype=np.float32)
         text_feeds.append(feed)
     return vision_feeds, text_feeds
 
 
-def _check_optimised(raw: dict[str, Path], optimised: dict[str, Path], genai: dict) -> dict[str, float]:
+def _check_optimised(raw: dict[str, Path], optimised: dict[str, Path], config: dict) -> dict[str, float]:
     """Max abs diff optimised vs exported fp32 graph; fusions must not change the numbers."""
 
-    vision_feeds, text_feeds = _random_feeds(genai)
+    vision_feeds, text_feeds = _random_feeds(config)
     diffs = {role: max(max_abs_diff(raw[role], optimised[role], feed) for feed in feeds)
              for role, feeds in (("vision", vision_feeds), ("text", text_feeds))}
     bad = {role: diff for role, diff in diffs.items() if not diff <= SELF_CHECK_ATOL}
@@ -224,8 +228,8 @@ def _graph_entry(path: Path, raw_ops: dict, precision: str, pipeline: list[str],
 
 def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_dir: Path,
                 calibration_images: int = 32) -> dict:
-    """Write `out_dir` (atomically) with the tier's three graphs, genai_config.json, processor files and
-    export_report.json; return the report. `data_dir` holds train.jsonl (INT8 calibration, checks)."""
+    """Write `out_dir` (atomically) with the tier's three graphs, onnx_config.json, answer.py, processor files
+    and export_report.json; return the report. `data_dir` holds train.jsonl (INT8 calibration, checks)."""
     settings = onnx_settings(settings, tier)
     if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
         raise UserError(f"calibration_images must be a positive number of images; got {calibration_images!r}")
@@ -242,7 +246,7 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
         for path in raw_dir.iterdir():
             if path.suffix != ".onnx" and path.name != EXPORT_REPORT:
                 shutil.copy2(path, staging / path.name)
-        genai = json.loads((raw_dir / GENAI_CONFIG).read_text(encoding="utf-8"))
+        config = json.loads((raw_dir / ONNX_CONFIG).read_text(encoding="utf-8"))
         raw = {role: raw_dir / name for role, _, name in ROLES}
         raw_ops = {role: op_histogram(path) for role, path in raw.items()}
 
@@ -252,9 +256,9 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
             with _timed("%s: onnxscript fusions + ORT_ENABLE_EXTENDED", role):
                 onnxscript_counts[role] = transformer_fusions(raw[role], fused[role])
                 ort_optimize(fused[role], optimised[role])
-        optimised_diffs = _check_optimised(raw, optimised, genai)
+        optimised_diffs = _check_optimised(raw, optimised, config)
         with _timed("reading %d calibration images", calibration_images):
-            pixels, view_counts = calibration_pixels(records, data_dir, genai["model"]["vision"]["preprocessing"],
+            pixels, view_counts = calibration_pixels(records, data_dir, config["model"]["vision"]["preprocessing"],
                                                      calibration_images)
 
         exported = "torch.onnx.export(dynamo=True)"
@@ -314,7 +318,7 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
 
         for role, section, name in ROLES:
             check_external_data(final[role])  # our own files; a cheap guard that nothing points elsewhere
-            entry = genai["model"][section]
+            entry = config["model"][section]
             entry["precision"] = precisions[role]
             if settings["ort_format"]:
                 ort_path = final[role].with_suffix(".ort")
@@ -322,7 +326,7 @@ def export_onnx(model_dir: Path, out_dir: Path, tier: str, settings: dict, data_
                     to_ort_format(final[role], ort_path)
                 entry["ort_filename"] = ort_path.name
                 extra[role]["ort"] = {"file": ort_path.name, "file_bytes": ort_path.stat().st_size}
-        write_json(genai, staging / GENAI_CONFIG)
+        write_json(config, staging / ONNX_CONFIG)
 
         with _timed("comparing the %s graphs with the fp32 export", _components_label(components)):
             checks = _compare_with_fp32(raw_dir, staging, pixels, view_counts,

@@ -1,19 +1,76 @@
 """ONNX export of a vision-language checkpoint: three graphs and the config a device needs to run them.
 
-The layout follows ONNX Runtime GenAI's multimodal models (Phi-3-vision, LLaVA-style):
+An ONNX package (this module's fp32 export, and every tier's, export/onnx_export.py) holds:
 
-    vision.onnx           pixel_values [batch, 3, H, W] -> image_features [batch, image tokens, text hidden]
-                          (the family's `image_features`: tower at its feature layer + connector)
-    embedding.onnx        input_ids [batch, sequence] -> inputs_embeds [batch, sequence, text hidden]
-    text.onnx             inputs_embeds, attention_mask [batch, past + sequence], position_ids,
-                          past_key_values.{i}.key/value [batch, kv heads, past, head dim]
-                          -> logits [batch, sequence, vocab], present.{i}.key/value
-    genai_config.json     graph file names, input/output names, KV-cache shape, special token ids,
-                          the prompt (the family's PromptSpec, from the checkpoint's chat template)
-                          and the image preprocessing (the family's spec: pad-to-square colour,
-                          resize, crop, mean/std), so a device app needs no Python and no transformers
-    processor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja
+    vision.onnx, embedding.onnx, text.onnx   the three graphs (below), weights inside each file
+    onnx_config.json      the package contract: graph files, tensor names, dtypes and shapes, special
+                          token ids, the prompt, the image preprocessing, how to decode
+    answer.py             the contract as a runnable example: onnxruntime, numpy, tokenizers and Pillow
+                          only (`python answer.py IMAGE "QUESTION"`; export/onnx_example/answer.py)
+    tokenizer.json, tokenizer_config.json, processor_config.json, chat_template.jinja
                           the model's own processor files, copied as transformers saves them
+
+Why our own config and not ONNX Runtime GenAI's genai_config.json: GenAI's multimodal runtimes are per
+model type (phi3v, phi4mm, qwen2_5_vl, gemma3, fara, mistral3 in onnxruntime-genai 0.18) and none of this
+project's families (LLaVA with Llama or Qwen2, Idefics3/SmolVLM, MobileVLM) is among them, so a file
+borrowing that name promised what GenAI cannot load. The layout below is ours and versioned.
+
+The package contract (onnx_config.json, `format` "vlm-factory-onnx", `schema_version` 1)
+-----------------------------------------------------------------------------------------
+A reader checks `format` and `schema_version` before anything else and refuses a version it does not
+know: a new version is written whenever a key changes meaning or a reader must do something new.
+
+    model.family                  the family that exported it (a label)
+    model.vocab_size              the logits' last dim
+    model.context_length          prompt + answer tokens never exceed it (the decoder's positions)
+    model.eos_token_ids           stop at any of them (the tokenizer's EOS first, then the LLM config's)
+    model.image_token_id          the id of prompt.image_token: where image features go
+    model.bos_token_id, pad_token_id   for reference: the tokenizer adds BOS itself, batch 1 pads nothing
+    model.<graph>                 vision, embedding, decoder: `filename`, `inputs` and `outputs` as
+                                  {role: {name, dtype, shape}} (an int is a fixed size, a string a
+                                  symbolic dim); per tier also `precision` and, with ort_format,
+                                  `ort_filename` (the same graph for ONNX Runtime Mobile)
+    model.vision.preprocessing    image -> pixels (runtime/preprocess.py, runtime/tiling.py)
+    prompt                        template with {question} and one image_token, image_token_repeat,
+                                  add_special_tokens, answer (the training target's form), and for
+                                  families that cut images into tiles `image_layout`
+    generation                    greedy (do_sample false, num_beams 1), at most max_new_tokens tokens
+
+Symbolic dims: `batch`; `sequence`, the tokens of this call; `past_sequence`, the tokens already in the
+cache; `total_sequence` = past_sequence + sequence. Roles and their default names (the config's are
+authoritative):
+
+    vision.onnx     pixel_values    float32 [batch, 3, H, W]  -> image_features float32 [batch, image tokens, hidden]
+                    (batch = the views of one image: 1, or rows x cols tiles + a global view; the
+                    family's `image_features`: tower at its feature layer + connector)
+    embedding.onnx  input_ids       int64   [batch, sequence] -> inputs_embeds  float32 [batch, sequence, hidden]
+    text.onnx       inputs_embeds   float32 [batch, sequence, hidden]
+                    attention_mask  int64   [batch, total_sequence]   ones: every past and present token
+                    position_ids    int64   [batch, sequence]         past_sequence .. total_sequence - 1
+                    past_key_values.%d.key, past_key_values.%d.value  float32 [batch, kv heads, past_sequence,
+                                    head size], %d the layer (0-based), fed in the order layer 0 key, layer 0
+                                    value, layer 1 key, ...
+                    -> logits       float32 [batch, sequence, vocab]
+                    -> present.%d.key, present.%d.value  float32 [batch, kv heads, total_sequence, head size]:
+                                    the cache, fed back as the next call's past
+
+Answering one question (answer.py, and the project's runtime/onnx_runtime.py, step for step):
+
+1. preprocess the image as `model.vision.preprocessing` says: [views, 3, H, W] float32 and the grid of
+   tiles rows x cols (0 x 0: one view, always so without a tiling spec);
+2. the prompt: `template` with {question} replaced by the stripped question, its image_token replaced by
+   image_token x image_token_repeat (with `image_layout`: one block of image_token_repeat image tokens
+   per view, between the layout's marker tokens: runtime/tiling.py `expand_image_tokens`); tokenized
+   with tokenizer.json, special tokens added only if `add_special_tokens`;
+3. vision.onnx on all views as one batch; its features, view by view, are [views x image tokens, hidden];
+4. embedding.onnx on the prompt's ids; the rows at the positions whose id is image_token_id are replaced
+   by the features, in order (there are exactly as many);
+5. prefill: text.onnx on the whole prompt (batch 1) with an empty cache (past_sequence 0: float32 zeros
+   [1, kv heads, 0, head size] for every past input), a mask of ones and positions 0 .. n - 1;
+6. greedy decoding: the argmax of the last position's logits is the next token; an EOS id ends the
+   answer (and is not part of it), as does reaching max_new_tokens; otherwise the token goes through
+   embedding.onnx and text.onnx (sequence 1, positions and mask extended by one, presents as pasts);
+7. the answer is tokenizer.json's decoding of the tokens, special tokens skipped, stripped.
 
 Everything model-specific comes from the model family (families/): where the tower, connector,
 embedding table and decoder live, and the facts (heads, KV heads, head size, vocabulary). The
@@ -39,6 +96,7 @@ loads every checkpoint in float32, and the tier's precision is applied afterward
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -53,11 +111,14 @@ from vlm_factory.families import ModelFamily, family_for
 from vlm_factory.io import atomic_dir, write_json
 from vlm_factory.model.checkpoint import load_model
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
+from vlm_factory.runtime.artifact_schema import (BATCH, ONNX_CONFIG, ONNX_FORMAT, ONNX_SCHEMA_VERSION, PAST_SEQUENCE,
+                                                 SEQUENCE, TOTAL_SEQUENCE)
 
 log = logging.getLogger(__name__)
 
 VISION_FILE, EMBEDDING_FILE, TEXT_FILE = "vision.onnx", "embedding.onnx", "text.onnx"
-GENAI_CONFIG = "genai_config.json"
+# The standalone example every package carries (kept in the library so it is linted and tested).
+EXAMPLE = Path(__file__).resolve().parent / "onnx_example" / "answer.py"
 # Pinned rather than torch's default, so a torch upgrade cannot silently change what devices must run.
 OPSET = 20
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
@@ -70,14 +131,14 @@ SELF_CHECK_ATOL = 1e-3
 ONNX_TOOLS = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 PROMPT_NOTE = ("replace {question} with the stripped question, repeat image_token image_token_repeat times, "
                "tokenize with tokenizer.json (special tokens only if add_special_tokens), put image_features "
-               "at those positions")
+               "at the positions of image_token_id; answer.py does it step by step")
 # For families that cut images into tiles (a `kind` in vision.preprocessing, `image_layout` in the prompt).
 TILED_PROMPT_NOTE = ("cut the image into rows x cols tiles + a global view as vision.preprocessing says; run "
                      "vision.onnx on all views (batch = views) and concatenate their image_features in order; "
                      "replace {question} with the stripped question and image_token with one block per view as "
                      "image_layout says (image_token_repeat image tokens each; rows = cols = 0: the global block "
                      "only); tokenize with tokenizer.json (special tokens only if add_special_tokens) and put the "
-                     "features at the image token positions")
+                     "features at the positions of image_token_id; answer.py does it step by step")
 
 
 def kv_names(n_layers: int, key: str, value: str) -> list[str]:
@@ -199,45 +260,60 @@ def eos_token_ids(tokenizer, family: ModelFamily) -> list[int]:
     return ids
 
 
-def genai_config(model, processor, family: ModelFamily | None = None) -> dict:
-    """ORT GenAI-style description of the three graphs, plus the prompt and preprocessing they assume.
+def _tensor(name: str, dtype: str, shape: list) -> dict:
+    return {"name": name, "dtype": dtype, "shape": shape}
 
-    `eos_token_id` is one id, or a list when the tokenizer's and the LLM config's differ (ORT GenAI
-    takes either); a runtime stops at any of them. `num_image_tokens` is per view: a family that cuts
-    images into tiles (a tiling spec in `preprocessing`, `image_layout` in the prompt) feeds the vision
-    graph every view of an image as one batch.
+
+def onnx_config(model, processor, family: ModelFamily | None = None) -> dict:
+    """The package contract (module docstring) for this model: the three graphs' tensors, the special
+    token ids, the prompt and preprocessing they assume, and how to decode.
+
+    `num_image_tokens` is per view: a family that cuts images into tiles (a tiling spec in `preprocessing`,
+    `image_layout` in the prompt) feeds the vision graph every view of an image as one batch.
     """
     family = _family(model, family)
     text, vision, tokenizer = family.text, family.vision, processor.tokenizer
-    eos = eos_token_ids(tokenizer, family)
     prompt = family.prompt(processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text.pad_token_id
+    hidden, size = text.hidden_size, vision.image_size
+    cache = [BATCH, text.num_kv_heads, PAST_SEQUENCE, text.head_dim]
+    present = [BATCH, text.num_kv_heads, TOTAL_SEQUENCE, text.head_dim]
     return {
+        "format": ONNX_FORMAT, "schema_version": ONNX_SCHEMA_VERSION,
         "model": {
-            "type": family.name, "vocab_size": text.vocab_size, "context_length": text.max_positions,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "family": family.name, "vocab_size": text.vocab_size, "context_length": text.max_positions,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": eos_token_ids(tokenizer, family),
             "pad_token_id": pad, "image_token_id": family.image_token_id,
             "vision": {
                 "filename": VISION_FILE, "num_image_tokens": family.image_tokens,
-                "image_size": [vision.image_size, vision.image_size], "num_channels": vision.num_channels,
-                "inputs": {"pixel_values": "pixel_values"}, "outputs": {"image_features": "image_features"},
+                "image_size": [size, size], "num_channels": vision.num_channels,
+                "inputs": {"pixel_values": _tensor("pixel_values", "float32",
+                                                   [BATCH, vision.num_channels, size, size])},
+                "outputs": {"image_features": _tensor("image_features", "float32",
+                                                      [BATCH, family.image_tokens, hidden])},
                 "preprocessing": family.preprocessing(processor),
             },
-            "embedding": {"filename": EMBEDDING_FILE, "inputs": {"input_ids": "input_ids"},
-                          "outputs": {"inputs_embeds": "inputs_embeds"}},
+            "embedding": {
+                "filename": EMBEDDING_FILE,
+                "inputs": {"input_ids": _tensor("input_ids", "int64", [BATCH, SEQUENCE])},
+                "outputs": {"inputs_embeds": _tensor("inputs_embeds", "float32", [BATCH, SEQUENCE, hidden])},
+            },
             "decoder": {
-                "filename": TEXT_FILE, "hidden_size": text.hidden_size, "head_size": text.head_dim,
+                "filename": TEXT_FILE, "hidden_size": hidden, "head_size": text.head_dim,
                 "num_attention_heads": text.num_heads, "num_key_value_heads": text.num_kv_heads,
                 "num_hidden_layers": text.num_layers,
-                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
-                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY,
-                            "present_value_names": PRESENT_VALUE},
+                "inputs": {"inputs_embeds": _tensor("inputs_embeds", "float32", [BATCH, SEQUENCE, hidden]),
+                           "attention_mask": _tensor("attention_mask", "int64", [BATCH, TOTAL_SEQUENCE]),
+                           "position_ids": _tensor("position_ids", "int64", [BATCH, SEQUENCE]),
+                           "past_key": _tensor(PAST_KEY, "float32", cache),
+                           "past_value": _tensor(PAST_VALUE, "float32", cache)},
+                "outputs": {"logits": _tensor("logits", "float32", [BATCH, SEQUENCE, text.vocab_size]),
+                            "present_key": _tensor(PRESENT_KEY, "float32", present),
+                            "present_value": _tensor(PRESENT_VALUE, "float32", present)},
             },
         },
         "prompt": {**prompt.as_dict(), "note": TILED_PROMPT_NOTE if prompt.image_layout else PROMPT_NOTE},
-        "search": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_ANSWER_TOKENS,
-                   "max_length": text.max_positions},
+        "generation": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_ANSWER_TOKENS},
     }
 
 
@@ -304,7 +380,8 @@ def describe_onnx(path: Path) -> dict:
 
 
 def export_onnx_fp32(model_dir: Path | str, out_dir: Path | str) -> dict:
-    """Write `out_dir` (atomically): three fp32 graphs, genai_config.json, processor files, export_report.json."""
+    """Write `out_dir` (atomically): three fp32 graphs, onnx_config.json, answer.py, processor files,
+    export_report.json."""
 
     try:
         import onnx  # noqa: F401
@@ -319,7 +396,8 @@ def export_onnx_fp32(model_dir: Path | str, out_dir: Path | str) -> dict:
         export_graphs(model, staging, family)
         diffs = self_check(model, staging, family)
         processor.save_pretrained(staging)
-        write_json(genai_config(model, processor, family), staging / GENAI_CONFIG)
+        write_json(onnx_config(model, processor, family), staging / ONNX_CONFIG)
+        shutil.copy2(EXAMPLE, staging / EXAMPLE.name)
         files = {role: describe_onnx(staging / name)
                  for role, name in (("vision", VISION_FILE), ("embedding", EMBEDDING_FILE), ("text", TEXT_FILE))}
         report = {

@@ -9,7 +9,7 @@ INT8 (`precision: int8`):
   quantized. `quant_pre_process` runs first with `skip_symbolic_shape=True`: onnxruntime's symbolic
   shape inference fails on the dynamo decoder's shape arithmetic.
 - vision (`vision.onnx`): static QDQ (`quantize_static`) calibrated on pixel values of N images of
-  the training split, preprocessed exactly as the artifact's genai_config.json says (runtime/preprocess.py
+  the training split, preprocessed exactly as the artifact's onnx_config.json says (runtime/preprocess.py
   `image_views`, what the runtime adapter runs): every view of each image, so a family that cuts images
   into tiles (Idefics3/SmolVLM) calibrates on its tiles and global views, one view per call. Weights QInt8 per channel, activations QUInt8 per tensor (MinMax), only
   at the inputs of MatMul and Conv: the outputs of those ops are left in float
@@ -137,7 +137,7 @@ def calibration_pixels(records: Sequence, data_dir: Path, preprocessing: dict,
     spread evenly over the split, preprocessed (one view per image unless the spec cuts images into tiles).
 
     `records` are VQA records (several questions share an image; each image is used once) whose
-    `.image` is relative to `data_dir`; `preprocessing` is genai_config.json's vision preprocessing.
+    `.image` is relative to `data_dir`; `preprocessing` is onnx_config.json's vision preprocessing.
     """
 
     images = list(dict.fromkeys(r.image for r in records))

@@ -55,6 +55,7 @@ from vlm_factory.export.static_cache import FunctionalDecoder, ImageFeatures
 from vlm_factory.export.tflite_precision import PRECISIONS, check_weights, quantize, segment_components, weight_bytes
 from vlm_factory.families import COMPONENTS
 from vlm_factory.io import atomic_dir, write_json
+from vlm_factory.logs import native_stderr_filtered
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
 
 log = logging.getLogger(__name__)
@@ -229,9 +230,10 @@ def export_tflite(model_dir: Path | str, out_dir: Path | str, tier: str, setting
     `data_dir` is accepted for interface parity with the other exporters and not used."""
     settings = tflite_settings(settings, tier)
     try:
-        import ai_edge_litert  # noqa: F401
-        import ai_edge_quantizer  # noqa: F401
-        import litert_torch  # noqa: F401
+        with native_stderr_filtered():  # litert-torch loads TensorFlow's native libraries: their loading chatter
+            import ai_edge_litert  # noqa: F401
+            import ai_edge_quantizer  # noqa: F401
+            import litert_torch  # noqa: F401
     except ImportError as exc:
         raise UserError(f"TFLite export needs litert-torch, ai-edge-quantizer and ai-edge-litert ({exc.name} is "
                         "missing)") from None

@@ -29,8 +29,14 @@ checked to be stored at its component's precision.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from collections import defaultdict
+
+from vlm_factory.logs import interactive
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # What each precision stores a quantized weight as (the flatbuffer's tensor type, as numpy names it).
@@ -136,7 +142,71 @@ def quantize(model_bytes: bytes, segments: dict, precisions: dict[str, str], fil
             if precisions.get(component, precisions[main]) != precisions[main]:
                 scope = tfl.get_op_scope(op, subgraph.tensors)
                 _add_config(manager, f"^{re.escape(scope)}$", precisions[component])
-    return bytes(quantizer.Quantizer(model_bytes, manager.get_quantization_recipe()).quantize().quantized_model)
+    run = quantizer.Quantizer(model_bytes, manager.get_quantization_recipe())
+    # No size/time report printed on stdout (ours logs the files); its bars only where bars are drawn.
+    with _shared_buffer_notices(file, len(float_model.signatureDefs or ())), _bars_follow_terminal():
+        result = run.quantize(enable_progress_bar=None if interactive() else False, enable_progress_report=False)
+    return bytes(result.quantized_model)
+
+
+@contextlib.contextmanager
+def _bars_follow_terminal():
+    """ai-edge-quantizer (0.10) passes quantize(enable_progress_bar=) on to its "Generating Quantization
+    Parameters" bar but not to its "Applying Transformations to tensors" one, which draws itself for 100+
+    tensors: off where stderr is no terminal, through its ProgressBar's own `enable` argument."""
+    from ai_edge_quantizer.utils import progress_utils
+
+    if interactive():
+        yield
+        return
+    original = progress_utils.ProgressBar.__init__
+
+    def quiet(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "enable": False})
+
+    progress_utils.ProgressBar.__init__ = quiet
+    try:
+        yield
+    finally:
+        progress_utils.ProgressBar.__init__ = original
+
+
+OVERRIDING = "Quantized data for tensor %s is overriding other previously quantized data"  # its format string
+
+
+class _SharedBufferNotices(logging.Filter):
+    """Counts (and drops) ai-edge-quantizer's warning that a tensor's quantized data overrides a buffer's."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(OVERRIDING):
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _shared_buffer_notices(file: str, signatures: int):
+    """A graph of several signatures (the decoder's prefill and decode) shares each weight's buffer between
+    them, and ai-edge-quantizer warns for every shared weight when the second signature's op stores it again
+    (through the root logger, one line per weight): one line says how many. With one signature such a
+    warning would be news, and passes."""
+    if signatures < 2:
+        yield
+        return
+    notices = _SharedBufferNotices()
+    logging.getLogger().addFilter(notices)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notices)
+    if notices.count:
+        log.info("%s: %d weight buffers its %d signatures share were quantized once per signature "
+                 "(ai-edge-quantizer's 'overriding previously quantized data' warnings; each weight's stored "
+                 "type is checked next)", file, notices.count, signatures)
 
 
 def weight_bytes(model_bytes: bytes, segments: dict, main: str) -> dict[str, dict[str, int]]:

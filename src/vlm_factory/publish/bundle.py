@@ -1,4 +1,5 @@
-"""A tier's release bundle: its gated artifacts, their parity reports, its budget, a manifest and a model card.
+"""A tier's release bundle: its gated artifacts, their parity reports, its budget, a manifest, a model card
+and a report.
 
 Files of a release (in the store below `<tier>/<version>/<upload prefix>/`, see release.py):
 
@@ -6,6 +7,8 @@ Files of a release (in the store below `<tier>/<version>/<upload prefix>/`, see 
     parity/<format>.json    the verdict that let it through
     budget.json             the tier's memory budget
     README.md               the model card
+    report.html             the parity report: tables, accuracy against size, flipped questions with their
+                            images (self-contained, publish/report_html.py)
 
 and `<tier>/<version>/manifest.json`: sha256 and size of every file above; model, data and params
 hashes, git commit, tool versions, parity results, budget, the upload prefix; written last.
@@ -28,6 +31,10 @@ from vlm_factory.publish.store import file_chunks, sha256_of
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
+REPORT = "report.html"
+# Written here from the other files, so they say nothing new about the release: a different renderer
+# (a matplotlib update, a reworded card) must not make identical artifacts a new or conflicting release.
+DERIVED = (CARD, REPORT)
 
 
 @dataclass
@@ -48,9 +55,9 @@ class Bundle:
 
 
 def artifact_entries(manifest_or_entries: dict) -> dict[str, dict]:
-    """What makes two releases the same: every file but the model card (which is written from them)."""
+    """What makes two releases the same: every file but the model card and the report (written from them)."""
     entries = manifest_or_entries.get("files", manifest_or_entries)
-    return {name: entry for name, entry in entries.items() if name != CARD}
+    return {name: entry for name, entry in entries.items() if name not in DERIVED}
 
 
 def content_version(entries: dict[str, dict]) -> str:

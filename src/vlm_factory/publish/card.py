@@ -5,9 +5,10 @@ from __future__ import annotations
 RUN = {
     "gguf": "llama.cpp: `llama-mtmd-cli -m gguf/{llm} --mmproj gguf/{mmproj} --image photo.png -p "
             "\"<question>\"` (greedy, the prompt template below; the mmproj carries the preprocessing).",
-    "onnx": "ONNX Runtime: `onnx/genai_config.json` names the vision, embedding and decoder graphs, their "
-            "inputs and outputs, the preprocessing and the prompt; `.ort` files, when present, are for "
-            "ONNX Runtime Mobile.",
+    "onnx": "ONNX Runtime: `python onnx/answer.py photo.png \"<question>\"` (onnxruntime, numpy, tokenizers, "
+            "Pillow); `onnx/onnx_config.json` names the vision, embedding and decoder graphs, their inputs and "
+            "outputs, the preprocessing and the prompt (the README's ONNX package contract); `.ort` files, "
+            "when present, are for ONNX Runtime Mobile.",
 }
 
 

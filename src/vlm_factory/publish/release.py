@@ -2,10 +2,13 @@
 
 Layout of a release in the store (`<upload>` is `upload-<UTC time>-<random hex>`):
 
-    <tier>/<version>/manifest.json     the release itself: sha256 and size of every file, provenance, and
-                                       `"upload": "<upload>"`, the upload prefix that holds its files
+    <tier>/<version>/manifest.json     the release itself: sha256 and size of every file, provenance,
+                                       `"upload": "<upload>"`, the upload prefix that holds its files, and
+                                       `"signature"` (method, public key fingerprint) when signed
     <tier>/<version>/<upload>/...      the files: gguf/..., onnx/..., parity/<format>.json, budget.json,
-                                       README.md (the model card; its paths are relative to this folder)
+                                       README.md (the model card; its paths are relative to this folder),
+                                       report.html (the parity report, self-contained)
+    <tier>/<version>/<upload>/manifest.sig   the signature of manifest.json's exact bytes (signing.py)
     <tier>/latest.json                 {"version", "manifest", "files"}: moved only after verification
 
 How a publish goes, and why it cannot corrupt a release however many publishers race:
@@ -13,8 +16,9 @@ How a publish goes, and why it cannot corrupt a release however many publishers 
 1. If `<tier>/<version>/manifest.json` exists, the version is taken: the same artifacts make this
    publish a no-op ("unchanged"; verified, latest moved), different ones are refused.
 2. Every file is uploaded below a fresh upload prefix of this attempt's own, each read back and
-   hashed. No two publishers ever write the same key, so nothing one of them does (a loser of a
-   race, a killed upload, a retry) can touch the bytes another one's manifest names.
+   hashed, then the manifest's signature next to them. No two publishers ever write the same key, so
+   nothing one of them does (a loser of a race, a killed upload, a retry) can touch the bytes (or the
+   signature) another one's manifest names.
 3. The manifest is the one commit point: written once, conditionally (S3 If-None-Match, link(2) on
    a file store). If it exists already, it is read back: byte-identical to ours (it names our
    random upload prefix, so nobody else's can be) means our own write landed and only its reply
@@ -23,7 +27,8 @@ How a publish goes, and why it cannot corrupt a release however many publishers 
    published with different content"; either way our now unreferenced upload is deleted (best
    effort). A manifest that changed under us after our write succeeded (a store without atomic
    conditional writes) is treated the same way.
-4. The release is re-verified from the store; only then does latest.json move.
+4. The release is re-verified from the store (its signature with the signing key's public half); only
+   then does latest.json move.
 
 A publish killed before step 3 leaves an upload prefix no manifest names and no release: `vlm-factory
 gc` (gc.py) lists such orphans and deletes them. Releases made before upload prefixes existed (no
@@ -39,10 +44,11 @@ import secrets
 import time
 from datetime import datetime, timezone
 
-from tqdm import tqdm
-
 from vlm_factory.errors import UserError
+from vlm_factory.logs import progress_bar
 from vlm_factory.publish.bundle import MANIFEST, Bundle, artifact_entries
+from vlm_factory.publish.signing import (METHOD, SIGNATURE, SigningKey, public_key_sha256, sign_manifest,
+                                        signature_problem)
 from vlm_factory.publish.store import AlreadyExists, Store
 
 log = logging.getLogger(__name__)
@@ -97,9 +103,10 @@ def read_manifest(store: Store, prefix: str) -> dict | None:
     return parse_manifest(data, f"{store.uri}/{prefix}/{MANIFEST}") if data is not None else None
 
 
-def publish_bundle(store: Store, bundle: Bundle, manifest: dict) -> str:
-    """Upload `bundle` as release `<tier>/<version>` described by `manifest` (everything but "upload",
-    which is added here); returns "published" or "unchanged". See the module docstring."""
+def publish_bundle(store: Store, bundle: Bundle, manifest: dict, signing_key: SigningKey | None = None) -> str:
+    """Upload `bundle` as release `<tier>/<version>` described by `manifest` (everything but "upload" and
+    "signature", which are added here), signed with `signing_key` when given; returns "published" or
+    "unchanged". See the module docstring."""
     version = str(manifest["version"])
     if not version or "/" in version or version in (".", ".."):
         raise UserError(f"publish.version {version!r}: one path segment, e.g. 1.2.0")
@@ -111,10 +118,14 @@ def publish_bundle(store: Store, bundle: Bundle, manifest: dict) -> str:
     started = time.perf_counter()
     upload = new_upload_id()
     manifest = {**manifest, "upload": upload}
+    public_pem = signing_key.public_pem() if signing_key else None
+    if public_pem:
+        manifest["signature"] = {"file": SIGNATURE, "method": METHOD,
+                                 "public_key_sha256": public_key_sha256(public_pem)}
     ours = manifest_bytes_of(manifest)
     root = files_root(prefix, manifest)
     uploads = list(bundle.files.items()) + list(bundle.generated.items())
-    for name, source in tqdm(uploads, desc=f"upload {prefix}", unit="file"):
+    for name, source in progress_bar(uploads, desc=f"upload {prefix}", unit="file"):
         key = f"{root}/{name}"
         if isinstance(source, bytes):
             store.put_bytes(key, source)
@@ -123,6 +134,8 @@ def publish_bundle(store: Store, bundle: Bundle, manifest: dict) -> str:
         if store.sha256(key) != manifest["files"][name]["sha256"]:
             raise UserError(f"{store.uri}/{key}: read back with a different sha256 than the local file; "
                             "publish again")
+    if signing_key:
+        store.put_bytes(f"{root}/{SIGNATURE}", sign_manifest(ours, signing_key))
     try:
         store.put_bytes(manifest_key, ours, only_if_absent=True)
     except AlreadyExists:
@@ -134,7 +147,7 @@ def publish_bundle(store: Store, bundle: Bundle, manifest: dict) -> str:
     if stored != ours:
         _discard(store, root)
         return _taken(store, bundle.tier, prefix, parse_manifest(stored, f"{store.uri}/{manifest_key}"), manifest)
-    verify_release(store, prefix)
+    verify_release(store, prefix, public_pem)
     _move_latest(store, bundle.tier, manifest)
     log.info("published %s/%s: %d files in %.1fs", store.uri, prefix, len(uploads) + 1, time.perf_counter() - started)
     return "published"
@@ -166,27 +179,36 @@ def _move_latest(store: Store, tier: str, manifest: dict) -> None:
     store.put_bytes(f"{tier}/{LATEST}", json.dumps(pointer, indent=2).encode() + b"\n")
 
 
-def check_release(store: Store, prefix: str) -> list[str]:
-    """Problems of the release at `prefix` (empty when every file matches its manifest entry).
+def check_release(store: Store, prefix: str, public_key: bytes | None = None) -> list[str]:
+    """Problems of the release at `prefix` (empty when every file matches its manifest entry and, given
+    the publisher's `public_key` (PEM), the manifest's signature verifies with it).
 
     File names in problems are relative to the release's files (its upload prefix). Other upload
     prefixes next to it (a loser's or a killed publish's, no manifest names them) are not part of
     the release and not reported: `vlm-factory gc` removes them."""
+    manifest_bytes = store.get_bytes(f"{prefix}/{MANIFEST}")
+    if manifest_bytes is None:
+        return [f"{prefix}/{MANIFEST}: missing (no release here, or an unfinished upload)"]
     try:
-        manifest = read_manifest(store, prefix)
+        manifest = parse_manifest(manifest_bytes, f"{store.uri}/{prefix}/{MANIFEST}")
     except InvalidManifest as error:
         return [str(error)]
-    if manifest is None:
-        return [f"{prefix}/{MANIFEST}: missing (no release here, or an unfinished upload)"]
     root = files_root(prefix, manifest)
+    signature = store.get_bytes(f"{root}/{SIGNATURE}")
     problems = []
+    if public_key is not None:
+        problem = signature_problem(manifest_bytes, signature, public_key)
+        if problem:
+            problems.append(problem)
+    elif signature is None and manifest.get("signature"):
+        problems.append(f"{SIGNATURE}: missing (the manifest says the release is signed)")
     for name, entry in manifest["files"].items():
         actual = store.sha256(f"{root}/{name}")
         if actual is None:
             problems.append(f"{name}: missing")
         elif actual != entry["sha256"]:
             problems.append(f"{name}: sha256 {actual[:12]}… differs from the manifest's {entry['sha256'][:12]}…")
-    listed = {f"{root}/{name}" for name in manifest["files"]} | {f"{prefix}/{MANIFEST}"}
+    listed = {f"{root}/{name}" for name in manifest["files"]} | {f"{prefix}/{MANIFEST}", f"{root}/{SIGNATURE}"}
     for key in store.keys(prefix):
         if key in listed:
             continue
@@ -198,7 +220,7 @@ def check_release(store: Store, prefix: str) -> list[str]:
     return problems
 
 
-def verify_release(store: Store, prefix: str) -> None:
-    problems = check_release(store, prefix)
+def verify_release(store: Store, prefix: str, public_key: bytes | None = None) -> None:
+    problems = check_release(store, prefix, public_key)
     if problems:
         raise UserError(f"{store.uri}/{prefix}: release does not match its manifest: " + "; ".join(problems))

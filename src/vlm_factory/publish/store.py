@@ -69,6 +69,8 @@ class Store(Protocol):
 
     def get_bytes(self, key: str) -> bytes | None: ...
 
+    def get_file(self, key: str, path: Path) -> str | None: ...
+
     def sha256(self, key: str) -> str | None: ...
 
     def keys(self, prefix: str) -> list[str]: ...
@@ -93,6 +95,16 @@ def file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             yield chunk
+
+
+def save_chunks(chunks: Iterator[bytes], path: Path) -> str:
+    """Write `chunks` to `path` (a temporary sibling renamed on success); the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        for chunk in chunks:
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
 
 
 def _one_line(error: BaseException) -> str:
@@ -151,6 +163,15 @@ class FileStore:
         with self._io("read", key):
             try:
                 return path.read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+
+    def get_file(self, key: str, path: Path) -> str | None:
+        """Copy the object to `path`; its sha256, or None when there is no such key."""
+        source = self._path(key)
+        with self._io("read", key):
+            try:
+                return save_chunks(file_chunks(source), path)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return None
 
@@ -300,6 +321,10 @@ class S3Store:
 
     def get_bytes(self, key: str) -> bytes | None:
         return self._read(key, lambda body: body.read())
+
+    def get_file(self, key: str, path: Path) -> str | None:
+        """Stream the object to `path`; its sha256, or None when there is no such key."""
+        return self._read(key, lambda body: save_chunks(iter(lambda: body.read(CHUNK), b""), path))
 
     def sha256(self, key: str) -> str | None:
         """Hash of the object as stored, read back in full (not the checksum S3 reports about itself)."""

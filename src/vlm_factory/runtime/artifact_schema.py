@@ -1,6 +1,6 @@
 """Typed schemas of the JSON files an export keeps beside its model files, validated where they are read.
 
-genai_config.json, tflite_config.json, coreml_config.json and export_report.json are written by our
+onnx_config.json, tflite_config.json, coreml_config.json and export_report.json are written by our
 exporters but read back from a directory anyone may have edited, truncated or crafted. Indexed
 directly, a missing key was a KeyError, a list where a mapping belongs a TypeError, and
 `num_hidden_layers: 1e9` a hang (the ONNX adapter built two billion input names). Every reader
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, Union
 
@@ -47,7 +48,7 @@ MAX_IMAGE_SIDE = 4096
 # LLaVA-1.5 uses 576 image tokens, LLaVA-NeXT up to 2880; the prompt repeats the image token this often
 # before tokenizing, so an absurd count would be a huge string, not an error.
 MAX_IMAGE_TOKENS = 16384
-MAX_EOS_IDS = 64            # ORT GenAI writes one id or a short list
+MAX_EOS_IDS = 64            # the tokenizer's EOS and the LLM config's: one id or a short list
 MAX_NAME = 512              # tensor, signature, parameter and file names
 MAX_TEXT = 1 << 16          # templates, notes, descriptions
 MAX_WEIGHTS = 1 << 20       # entries of a Core ML package's weight map (one per parameter)
@@ -112,15 +113,20 @@ def parse_config(model_cls: type[M], data, path: Path | str, prefix: str = "") -
 
 
 def read_runtime_config(artifact_dir: Path, name: str, kind: str, model_cls: type[M],
-                        roles: tuple[str, ...]) -> tuple[dict, M, dict[str, Path], Path]:
+                        roles: tuple[str, ...], header: type[BaseModel] | None = None
+                        ) -> tuple[dict, M, dict[str, Path], Path]:
     """(raw JSON, validated config, {role: file}, path) of an export's runtime config whose
     `model.<role>.filename` name its model files: every name contained in `artifact_dir` before anything
-    else reads the config (artifacts.config_files), then the whole file validated as `model_cls`."""
+    else reads the config (artifacts.config_files), then `header` (the format and its version, so a file
+    of another version is refused as such, not for the first key it lays out differently), then the
+    whole file validated as `model_cls`."""
     from vlm_factory.artifacts import config_files, read_artifact_json
 
     raw, path = read_artifact_json(artifact_dir, name, kind)
     named = config_files(artifact_dir, raw, [f"model.{role}.filename" for role in roles], path)
     files = {role: named[f"model.{role}.filename"] for role in roles}
+    if header is not None:
+        parse_config(header, raw, path)
     return raw, parse_config(model_cls, raw, path), files, path
 
 
@@ -172,7 +178,7 @@ ONE = _exactly(1)
 
 
 def _one_or_list(value):
-    """ORT GenAI writes `eos_token_id` as one id or a list; one id becomes a list of one."""
+    """`eos_token_id` (TFLite) is one id or a list; one id becomes a list of one."""
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
@@ -185,7 +191,7 @@ class Schema(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
 
 
-ALLOW_MORE = ConfigDict(extra="allow")  # ORT GenAI sections: the format has keys this runtime does not read
+ALLOW_MORE = ConfigDict(extra="allow")  # sections where an exporter records more than a runtime reads
 
 
 # -- the prompt ----------------------------------------------------------------------------------------
@@ -223,7 +229,7 @@ class PromptSection(Schema):
     image_token_repeat: ImageTokens
     answer: Text
     add_special_tokens: bool
-    note: Text | None = None  # genai_config.json documents the steps for app developers
+    note: Text | None = None  # the steps in words, for app developers
     image_layout: ImageLayout | None = None
 
     @model_validator(mode="after")
@@ -403,8 +409,8 @@ class Search(Schema):
 
 
 class LanguageModel(Schema):
-    """What the ONNX and TFLite configs both say about the LLM under `model`: its vocabulary, context and
-    special token ids."""
+    """What the TFLite config says about the LLM under `model`: its vocabulary, context and special token ids
+    (the ONNX config's `OnnxModel` says the same under its own names)."""
 
     type: Text
     vocab_size: Vocab
@@ -415,12 +421,16 @@ class LanguageModel(Schema):
     image_token_id: TokenId
 
     def _check_token_ids(self) -> None:
-        """Every special token id below `vocab_size`."""
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id"):
-            value = getattr(self, key)
-            for token in value if isinstance(value, list) else [value]:
-                if token is not None and token >= self.vocab_size:
-                    raise FieldProblem(key, f"{token} is not below vocab_size {self.vocab_size}")
+        _check_ids_below_vocabulary(self, ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id"))
+
+
+def _check_ids_below_vocabulary(model, keys: tuple[str, ...]) -> None:
+    """Every special token id (an id, a list of ids or None) of these keys below the model's `vocab_size`."""
+    for key in keys:
+        value = getattr(model, key)
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and token >= model.vocab_size:
+                raise FieldProblem(key, f"{token} is not below vocab_size {model.vocab_size}")
 
 
 def _check_prompt_and_search(config) -> None:
@@ -435,72 +445,123 @@ def _check_prompt_and_search(config) -> None:
                                                 f"{config.model.context_length}")
 
 
-# -- genai_config.json (ONNX) ----------------------------------------------------------------------------
+# -- onnx_config.json (ONNX) -----------------------------------------------------------------------------
+# The ONNX package's own format: export/onnx_graphs.py documents the contract and writes it. A reader that
+# meets another `format` or a `schema_version` it does not know refuses the file rather than guess.
+
+ONNX_CONFIG = "onnx_config.json"
+ONNX_FORMAT = "vlm-factory-onnx"
+ONNX_SCHEMA_VERSION = 1
+# The symbolic dims the contract names (the graphs' own dim names, except total_sequence, which the
+# exporter spells `past_sequence + sequence` in the present outputs).
+BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE = "batch", "sequence", "past_sequence", "total_sequence"
+MAX_RANK = 8  # the contract's tensors have 2 to 4 dims
+ONNX_DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}  # contract dtype -> onnxruntime's name
+
+
+def _onnx_format(value: str) -> str:
+    if value != ONNX_FORMAT:
+        raise ValueError(f"{value[:60]!r} is not {ONNX_FORMAT!r}: not an ONNX package this runtime reads")
+    return value
+
+
+def _known_onnx_version(value: int) -> int:
+    if value != ONNX_SCHEMA_VERSION:
+        raise ValueError(f"{value} is not a schema version this runtime reads (it reads {ONNX_SCHEMA_VERSION} "
+                         "only): export the package with this vlm-factory, or read it with the one that wrote it")
+    return value
+
+
+class OnnxHeader(Schema):
+    """What a reader checks before anything else: the file is this format, at a version it knows."""
+
+    format: Annotated[str, Field(max_length=MAX_NAME), AfterValidator(_onnx_format)]
+    schema_version: Annotated[int, AfterValidator(_known_onnx_version)]
+
+
+class Tensor(Schema):
+    """One graph input or output: its name in the graph, its element type and its shape (an int is a fixed
+    size, a string a symbolic dim). What each must be is the contract's (`OnnxModel.contract`)."""
+
+    name: Name
+    dtype: Literal["float32", "int64"]
+    shape: Annotated[list, Field(min_length=1, max_length=MAX_RANK)]
+
+
+class LayerTensor(Tensor):
+    """The per-layer cache tensors: `name` holds one %d, the layer index (0 .. num_hidden_layers - 1)."""
+
+    name: LayerTemplate
+
+
+class OnnxVisionInputs(Schema):
+    pixel_values: Tensor
+
+
+class OnnxVisionOutputs(Schema):
+    image_features: Tensor
+
 
 class OnnxVision(VisionSection):
-    model_config = ALLOW_MORE
     filename: FileName
     num_image_tokens: ImageTokens
-    inputs: VisionInputs
-    outputs: VisionOutputs
+    inputs: OnnxVisionInputs
+    outputs: OnnxVisionOutputs
+    precision: Text | None = None        # written per tier (export/onnx_export.py); a record, never read
+    ort_filename: FileName | None = None  # the same graph for ONNX Runtime Mobile; the runtime opens the .onnx
 
 
 class EmbeddingInputs(Schema):
-    model_config = ALLOW_MORE
-    input_ids: Name
+    input_ids: Tensor
 
 
 class EmbeddingOutputs(Schema):
-    model_config = ALLOW_MORE
-    inputs_embeds: Name
+    inputs_embeds: Tensor
 
 
 class OnnxEmbedding(Schema):
-    model_config = ALLOW_MORE
     filename: FileName
     inputs: EmbeddingInputs
     outputs: EmbeddingOutputs
+    precision: Text | None = None
+    ort_filename: FileName | None = None
+
+
+def _check_distinct(model, keys: tuple[str, ...]) -> None:
+    """No two of these tensors named alike: the adapter would feed one tensor for two inputs."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        value = getattr(model, key).name
+        if value in seen:
+            raise FieldProblem(f"{key}.name", f"{value[:60]!r} is also {seen[value]}.name")
+        seen[value] = key
 
 
 class DecoderInputs(Schema):
-    model_config = ALLOW_MORE
-    inputs_embeds: Name
-    attention_mask: Name
-    position_ids: Name
-    past_key_names: LayerTemplate
-    past_value_names: LayerTemplate
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    past_key: LayerTensor
+    past_value: LayerTensor
 
     @model_validator(mode="after")
     def _distinct(self) -> DecoderInputs:
-        _check_distinct(self, ("inputs_embeds", "attention_mask", "position_ids", "past_key_names",
-                               "past_value_names"))
+        _check_distinct(self, ("inputs_embeds", "attention_mask", "position_ids", "past_key", "past_value"))
         return self
 
 
 class DecoderOutputs(Schema):
-    model_config = ALLOW_MORE
-    logits: Name
-    present_key_names: LayerTemplate
-    present_value_names: LayerTemplate
+    logits: Tensor
+    present_key: LayerTensor
+    present_value: LayerTensor
 
     @model_validator(mode="after")
     def _distinct(self) -> DecoderOutputs:
-        _check_distinct(self, ("logits", "present_key_names", "present_value_names"))
+        _check_distinct(self, ("logits", "present_key", "present_value"))
         return self
 
 
-def _check_distinct(model, keys: tuple[str, ...]) -> None:
-    """No two of these names (or name templates) alike: the adapter would feed one tensor for two inputs."""
-    seen: dict[str, str] = {}
-    for key in keys:
-        value = getattr(model, key)
-        if value in seen:
-            raise FieldProblem(key, f"{value[:60]!r} is also {seen[value]}")
-        seen[value] = key
-
-
 class OnnxDecoder(Schema):
-    model_config = ALLOW_MORE
     filename: FileName
     hidden_size: Hidden
     head_size: HeadSize
@@ -509,6 +570,8 @@ class OnnxDecoder(Schema):
     num_hidden_layers: Layers
     inputs: DecoderInputs
     outputs: DecoderOutputs
+    precision: Text | None = None
+    ort_filename: FileName | None = None
 
     @model_validator(mode="after")
     def _grouped_heads(self) -> OnnxDecoder:
@@ -517,39 +580,140 @@ class OnnxDecoder(Schema):
                                                       f"num_attention_heads {self.num_attention_heads}")
         return self
 
+    def _layer_names(self, first: LayerTensor, second: LayerTensor) -> list[str]:
+        return [tensor.name % layer for layer in range(self.num_hidden_layers) for tensor in (first, second)]
+
     def past_names(self) -> list[str]:
         """The cache inputs in the graph's order: layer 0 key, layer 0 value, layer 1 key, ..."""
-        return [template % layer for layer in range(self.num_hidden_layers)
-                for template in (self.inputs.past_key_names, self.inputs.past_value_names)]
+        return self._layer_names(self.inputs.past_key, self.inputs.past_value)
 
     def present_names(self) -> list[str]:
-        return [template % layer for layer in range(self.num_hidden_layers)
-                for template in (self.outputs.present_key_names, self.outputs.present_value_names)]
+        return self._layer_names(self.outputs.present_key, self.outputs.present_value)
 
 
-class OnnxModel(LanguageModel):
-    model_config = ALLOW_MORE
+# A fixed size in the contract: its value and the key of the config it comes from (named in errors).
+Size = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class TensorContract:
+    """What the contract says one config tensor is: `key` is its dotted key, `role` its graph."""
+
+    key: str
+    role: Literal["vision", "embedding", "decoder"]
+    output: bool
+    tensor: Tensor
+    dtype: str
+    shape: tuple[str | Size, ...]
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.tensor, LayerTensor)
+
+    def names(self, layers: int) -> list[str]:
+        """The graph's names for it: one, or one per layer for a cache tensor."""
+        if self.per_layer:
+            return [self.tensor.name % layer for layer in range(layers)]
+        return [self.tensor.name]
+
+
+def _same(found, expected) -> bool:
+    return type(found) is type(expected) and found == expected  # JSON true is not the size 1
+
+
+class OnnxModel(Schema):
+    """`model`: the LLM's vocabulary, context and special token ids, and the three graphs."""
+
+    family: Name  # the model family that exported it (families/): a label, nothing reads it
+    vocab_size: Vocab
+    context_length: Context
+    bos_token_id: TokenId | None
+    eos_token_ids: Annotated[list[TokenId], Field(max_length=MAX_EOS_IDS)]
+    pad_token_id: TokenId | None
+    image_token_id: TokenId
     vision: OnnxVision
     embedding: OnnxEmbedding
     decoder: OnnxDecoder
 
+    def contract(self) -> list[TensorContract]:
+        """Every tensor of the three graphs with the dtype and shape the contract gives it."""
+        vision, embedding, decoder = self.vision, self.embedding, self.decoder
+        height, width = vision.image_size
+        hidden: Size = (decoder.hidden_size, "model.decoder.hidden_size")
+
+        def cache(length: str) -> tuple:
+            return (BATCH, (decoder.num_key_value_heads, "model.decoder.num_key_value_heads"), length,
+                    (decoder.head_size, "model.decoder.head_size"))
+
+        float32, int64 = "float32", "int64"
+        rows = [
+            ("vision", False, "pixel_values", vision.inputs.pixel_values, float32,
+             (BATCH, (vision.num_channels, "model.vision.num_channels"), (height, "model.vision.image_size"),
+              (width, "model.vision.image_size"))),
+            ("vision", True, "image_features", vision.outputs.image_features, float32,
+             (BATCH, (vision.num_image_tokens, "model.vision.num_image_tokens"), hidden)),
+            ("embedding", False, "input_ids", embedding.inputs.input_ids, int64, (BATCH, SEQUENCE)),
+            ("embedding", True, "inputs_embeds", embedding.outputs.inputs_embeds, float32, (BATCH, SEQUENCE, hidden)),
+            ("decoder", False, "inputs_embeds", decoder.inputs.inputs_embeds, float32, (BATCH, SEQUENCE, hidden)),
+            ("decoder", False, "attention_mask", decoder.inputs.attention_mask, int64, (BATCH, TOTAL_SEQUENCE)),
+            ("decoder", False, "position_ids", decoder.inputs.position_ids, int64, (BATCH, SEQUENCE)),
+            ("decoder", False, "past_key", decoder.inputs.past_key, float32, cache(PAST_SEQUENCE)),
+            ("decoder", False, "past_value", decoder.inputs.past_value, float32, cache(PAST_SEQUENCE)),
+            ("decoder", True, "logits", decoder.outputs.logits, float32,
+             (BATCH, SEQUENCE, (self.vocab_size, "model.vocab_size"))),
+            ("decoder", True, "present_key", decoder.outputs.present_key, float32, cache(TOTAL_SEQUENCE)),
+            ("decoder", True, "present_value", decoder.outputs.present_value, float32, cache(TOTAL_SEQUENCE)),
+        ]
+        return [TensorContract(f"model.{role}.{'outputs' if output else 'inputs'}.{name}", role, output, tensor,
+                               dtype, shape) for role, output, name, tensor, dtype, shape in rows]
+
     @model_validator(mode="after")
-    def _ids_in_vocabulary(self) -> OnnxModel:
-        self._check_token_ids()
+    def _consistent(self) -> OnnxModel:
+        _check_ids_below_vocabulary(self, ("bos_token_id", "eos_token_ids", "pad_token_id", "image_token_id"))
+        for entry in self.contract():
+            key = entry.key.removeprefix("model.")  # relative to this section, as the error line adds `model`
+            if entry.tensor.dtype != entry.dtype:
+                raise FieldProblem(f"{key}.dtype", f"{entry.tensor.dtype!r}, but the contract says {entry.dtype!r}")
+            shape = entry.tensor.shape
+            if len(shape) != len(entry.shape):
+                raise FieldProblem(f"{key}.shape", f"has {len(shape)} dims, the contract says {len(entry.shape)}")
+            for axis, (found, expected) in enumerate(zip(shape, entry.shape)):
+                if isinstance(expected, str) and not _same(found, expected):
+                    raise FieldProblem(f"{key}.shape.{axis}", f"{_SHORT.repr(found)}, but the contract names this "
+                                                              f"dim {expected!r}")
+                if isinstance(expected, tuple) and not _same(found, expected[0]):
+                    raise FieldProblem(f"{key}.shape.{axis}", f"{_SHORT.repr(found)}, but {expected[1]} is "
+                                                              f"{expected[0]}")
         return self
 
 
-class GenaiConfig(Schema):
-    """genai_config.json as export/onnx_graphs.py `genai_config` writes it (and onnx_export.py extends it)."""
+class Generation(Schema):
+    """How the answer is decoded: greedily (parity measured that and nothing else), at most max_new_tokens."""
 
-    model_config = ALLOW_MORE
+    do_sample: FALSE
+    num_beams: ONE
+    max_new_tokens: Context
+
+
+class OnnxConfig(Schema):
+    """onnx_config.json as export/onnx_graphs.py `onnx_config` writes it (and onnx_export.py extends it)."""
+
+    format: Annotated[str, Field(max_length=MAX_NAME), AfterValidator(_onnx_format)]
+    schema_version: Annotated[int, AfterValidator(_known_onnx_version)]
     model: OnnxModel
     prompt: PromptSection
-    search: Search
+    generation: Generation
 
     @model_validator(mode="after")
-    def _consistent(self) -> GenaiConfig:
-        _check_prompt_and_search(self)
+    def _consistent(self) -> OnnxConfig:
+        if self.model.vision.num_image_tokens != self.prompt.image_token_repeat:
+            raise FieldProblem("model.vision.num_image_tokens",
+                               f"{self.model.vision.num_image_tokens}, but prompt.image_token_repeat is "
+                               f"{self.prompt.image_token_repeat}")
+        if self.generation.max_new_tokens >= self.model.context_length:
+            raise FieldProblem("generation.max_new_tokens", f"{self.generation.max_new_tokens} leaves no room for "
+                                                            f"the prompt in model.context_length "
+                                                            f"{self.model.context_length}")
         return self
 
 

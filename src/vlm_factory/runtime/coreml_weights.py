@@ -25,8 +25,11 @@ def read_package_weights(package: Path) -> dict[str, tuple[np.ndarray, str]]:
     Loads the package's milproto spec with its weight file (no Core ML runtime needed) and materialises
     `constexpr_lut_to_dense` ops with `materialized_val_inference()`, i.e. exactly what the device computes.
     """
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    from vlm_factory.logs import native_stderr_filtered
+
+    with native_stderr_filtered():  # coremltools imports TensorFlow: its native libraries' loading chatter
+        import coremltools as ct
+        from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
     package = Path(package)
     spec = ct.utils.load_spec(str(package))

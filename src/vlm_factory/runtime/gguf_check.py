@@ -136,6 +136,13 @@ def _check_tensors(path: Path, shapes: dict, specs: list, n_blocks: int, what: s
                             f"{list(shape)} ({why}); re-export it")
 
 
+def trained_context(path: Path | str) -> int:
+    """The context length the LLM GGUF at `path` was trained with (`<arch>.context_length`)."""
+    path = Path(path)
+    reader = open_gguf(path, "model")
+    return _int(reader, path, f"{_str(reader, path, 'general.architecture')}.context_length")
+
+
 def check_llm(reader, path: Path | str) -> int:
     """Check an LLM GGUF's tensors against its arch metadata; returns its embedding length."""
     path = Path(path)

@@ -9,7 +9,7 @@ sparse initializers, Constant-style tensor attributes, subgraphs and functions) 
 external data and refuses absolute locations and any that resolve, symlinks followed, outside it.
 
 Call it before creating an onnxruntime session from a file you did not write yourself (the runtime
-adapter, for every graph its genai_config.json names).
+adapter, for every graph its onnx_config.json names).
 """
 
 from __future__ import annotations

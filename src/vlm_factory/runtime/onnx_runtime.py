@@ -1,25 +1,28 @@
 """Answer VQA questions with an ONNX export (vision / embedding / text graphs) in onnxruntime.
 
 Everything the adapter needs comes from the artifact directory, as on a device: the graphs,
-`genai_config.json` (names, KV-cache shape, token ids, the model's prompt, image preprocessing) and
-the tokenizer files. Preprocessing is done with PIL and numpy from that config (runtime/preprocess.py)
-rather than by transformers' processor, so the parity gate measures what a device app would compute;
-the prompt is the exported PromptSpec (runtime/prompting.py), whatever the model's chat template is.
+`onnx_config.json` (the package contract, export/onnx_graphs.py: tensor names, dtypes and shapes,
+token ids, the model's prompt, image preprocessing) and the tokenizer files. Preprocessing is done
+with PIL and numpy from that config (runtime/preprocess.py) rather than by transformers' processor,
+so the parity gate measures what a device app would compute; the prompt is the exported PromptSpec
+(runtime/prompting.py), whatever the model's chat template is. The package's own answer.py follows
+the same contract without this project (tests/test_onnx_package.py: both answer alike).
 
 An image is one view (LLaVA) or, with a tiling spec (Idefics3/SmolVLM), `rows x cols` tiles + a global
 view (runtime/preprocess.py `image_views`): the vision graph runs once on all views as one batch (its
 batch axis is dynamic), the features are concatenated view by view, and the prompt's image token is
 expanded for that grid (`PromptSpec.expanded(question, rows, cols)`), `num_image_tokens` per view.
 
-The config is validated before anything opens (runtime/artifact_schema.py `GenaiConfig`), then
-checked against the graphs themselves: every input and output name it derives exists, each graph
-takes exactly what the adapter feeds, and the static dims (image size, KV heads, head size, hidden
-size, vocabulary) agree. A mismatch is one line naming genai_config.json and the key, not an
-onnxruntime error in the middle of a run.
+The config's `format` and `schema_version` are checked first (a version this runtime does not know is
+refused as such), then the whole file is validated (runtime/artifact_schema.py `OnnxConfig`: every
+tensor's dtype and shape is the contract's), then checked against the graphs themselves: every
+tensor name exists, each graph takes exactly what the adapter feeds, dtypes and ranks agree, and the
+static dims (image size, KV heads, head size, hidden size, vocabulary) are the config's. A mismatch
+is one line naming onnx_config.json and the key, not an onnxruntime error in the middle of a run.
 
 Decoding is batch 1 and greedy, like the reference: the prompt (image features merged at the
 image-token positions) is prefilled against an empty (zero-length) KV cache, then one token at a
-time until an EOS id (the config's `eos_token_id`, one id or a list) or MAX_ANSWER_TOKENS.
+time until an EOS id (the config's `eos_token_ids`) or MAX_ANSWER_TOKENS.
 """
 
 from __future__ import annotations
@@ -35,18 +38,16 @@ from vlm_factory.errors import UserError, first_line
 from vlm_factory.families.processor_files import check_processor_files
 from vlm_factory.hf_files import load_pretrained
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS
-from vlm_factory.runtime.artifact_schema import FIX, GenaiConfig, OnnxModel, read_runtime_config
+from vlm_factory.runtime.artifact_schema import (FIX, ONNX_CONFIG, ONNX_DTYPES, OnnxConfig, OnnxHeader, OnnxModel,
+                                                 TensorContract, read_runtime_config)
 from vlm_factory.runtime.declared_io import DeclaredIO
 from vlm_factory.runtime.onnx_check import check_external_data
 from vlm_factory.runtime.preprocess import config_image_views
 from vlm_factory.runtime.prompting import (Decoded, TokenizerAnswers, check_special_tokens, greedy_decode,
                                           prompt_token_ids)
 
-# The exporter's name for it (export/onnx_graphs.py); runtimes never import exporters.
-GENAI_CONFIG = "genai_config.json"
 ROLES = ("vision", "embedding", "decoder")
 TOKENIZER = "the export's tokenizer (tokenizer.json, tokenizer_config.json)"
-FLOAT, INT64 = "tensor(float)", "tensor(int64)"
 
 
 def _session_options(intra_op_threads: int | None):
@@ -85,84 +86,49 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 
 
 class _GraphCheck(DeclaredIO):
-    """One graph's declared inputs and outputs against what genai_config.json says about them."""
+    """One graph's declared inputs and outputs against what onnx_config.json says about them."""
 
     def __init__(self, session, path: Path, config_path: Path):
         super().__init__({arg.name: arg for arg in session.get_inputs()},
                          {arg.name: arg for arg in session.get_outputs()}, path, config_path, "the graph")
 
-    def dims(self, name: str, expected: dict[int, tuple[str, int]], rank: int, output: bool = False) -> None:
-        """Static dims of tensor `name` equal the config's: {axis: (key, value)}; symbolic dims pass."""
-        arg = (self.outputs if output else self.inputs)[name]
+    def tensor(self, entry: TensorContract, name: str) -> None:
+        """The graph's `name` has the contract's dtype, rank and fixed sizes (symbolic dims pass)."""
+        arg = (self.outputs if entry.output else self.inputs)[name]
+        if arg.type != ONNX_DTYPES[entry.dtype]:
+            raise self.fail(f"{entry.key}.dtype", f"{entry.dtype}, but {name!r} is {arg.type}")
         shape = arg.shape if isinstance(arg.shape, list) else []
         if not shape:  # no shape declared: nothing to compare (onnxruntime checks at run time)
             return
-        if len(shape) != rank:
-            raise UserError(f"{self.path}: {name!r} has rank {len(shape)}, the runtime expects {rank}; "
-                            "re-run its export")
-        for axis, (key, value) in expected.items():
-            if isinstance(shape[axis], int) and shape[axis] != value:
-                raise self.fail(key, f"{value}, but {name!r} has {shape[axis]} on axis {axis}")
-
-    def dtype(self, name: str, wanted: str) -> None:
-        if self.inputs[name].type != wanted:
-            raise UserError(f"{self.path}: input {name!r} is {self.inputs[name].type}, the runtime feeds {wanted}; "
-                            "re-run its export")
+        if len(shape) != len(entry.shape):
+            raise self.fail(f"{entry.key}.shape", f"has {len(entry.shape)} dims, but {name!r} has {len(shape)}")
+        for axis, (found, expected) in enumerate(zip(shape, entry.shape)):
+            if isinstance(expected, tuple) and isinstance(found, int) and found != expected[0]:
+                raise self.fail(expected[1], f"{expected[0]}, but {name!r} has {found} on axis {axis}")
 
 
-def _check_vision(check: _GraphCheck, model: OnnxModel) -> None:
-    vision = model.vision
-    check.takes_exactly({"model.vision.inputs.pixel_values": vision.inputs.pixel_values}, "model.vision.inputs")
-    check.gives({"model.vision.outputs.image_features": vision.outputs.image_features})
-    height, width = vision.image_size
-    check.dims(vision.inputs.pixel_values, {1: ("model.vision.num_channels", vision.num_channels),
-                                            2: ("model.vision.image_size", height),
-                                            3: ("model.vision.image_size", width)}, rank=4)
-    check.dims(vision.outputs.image_features, {1: ("model.vision.num_image_tokens", vision.num_image_tokens),
-                                               2: ("model.decoder.hidden_size", model.decoder.hidden_size)},
-               rank=3, output=True)
-    check.dtype(vision.inputs.pixel_values, FLOAT)
-
-
-def _check_embedding(check: _GraphCheck, model: OnnxModel) -> None:
-    embedding = model.embedding
-    check.takes_exactly({"model.embedding.inputs.input_ids": embedding.inputs.input_ids}, "model.embedding.inputs")
-    check.gives({"model.embedding.outputs.inputs_embeds": embedding.outputs.inputs_embeds})
-    check.dims(embedding.outputs.inputs_embeds, {2: ("model.decoder.hidden_size", model.decoder.hidden_size)},
-               rank=3, output=True)
-    check.dtype(embedding.inputs.input_ids, INT64)
-
-
-def _check_decoder(check: _GraphCheck, model: OnnxModel) -> None:
-    decoder = model.decoder
-    names, outputs = decoder.inputs, decoder.outputs
-    fed = {"model.decoder.inputs.inputs_embeds": names.inputs_embeds,
-           "model.decoder.inputs.attention_mask": names.attention_mask,
-           "model.decoder.inputs.position_ids": names.position_ids}
-    wanted = {"model.decoder.outputs.logits": outputs.logits}
-    for layer in range(decoder.num_hidden_layers):  # at most MAX_LAYERS (artifact_schema)
-        for kind in ("past_key_names", "past_value_names"):
-            fed[f"model.decoder.inputs.{kind} (layer {layer})"] = getattr(names, kind) % layer
-        for kind in ("present_key_names", "present_value_names"):
-            wanted[f"model.decoder.outputs.{kind} (layer {layer})"] = getattr(outputs, kind) % layer
-    check.takes_exactly(fed, "model.decoder.num_hidden_layers")
-    check.gives(wanted)
-    check.dims(names.inputs_embeds, {2: ("model.decoder.hidden_size", decoder.hidden_size)}, rank=3)
-    check.dims(outputs.logits, {2: ("model.vocab_size", model.vocab_size)}, rank=3, output=True)
-    for name in decoder.past_names():
-        check.dims(name, {1: ("model.decoder.num_key_value_heads", decoder.num_key_value_heads),
-                          3: ("model.decoder.head_size", decoder.head_size)}, rank=4)
-        check.dtype(name, FLOAT)
-    check.dtype(names.inputs_embeds, FLOAT)
-    for name in (names.attention_mask, names.position_ids):
-        check.dtype(name, INT64)
+def _names(entries: list[TensorContract], layers: int) -> dict[str, str]:
+    """{the key to blame (and the layer, for a cache tensor): the graph's tensor name} of these tensors."""
+    named = {}
+    for entry in entries:
+        for layer, name in enumerate(entry.names(layers)):
+            named[f"{entry.key}.name" + (f" (layer {layer})" if entry.per_layer else "")] = name
+    return named
 
 
 def check_graphs(sessions: dict, paths: dict[str, Path], model: OnnxModel, config_path: Path) -> None:
-    """Every name genai_config.json derives exists in its graph, each graph takes exactly what the adapter
-    feeds, and static dims agree with the config: a one-line error naming the key otherwise."""
-    for role, check in (("vision", _check_vision), ("embedding", _check_embedding), ("decoder", _check_decoder)):
-        check(_GraphCheck(sessions[role], paths[role], config_path), model)
+    """Every tensor onnx_config.json names exists in its graph with the contract's dtype and sizes, and each
+    graph takes exactly the inputs the adapter feeds: a one-line error naming the key otherwise."""
+    layers = model.decoder.num_hidden_layers  # at most MAX_LAYERS (artifact_schema)
+    for role in ROLES:
+        check = _GraphCheck(sessions[role], paths[role], config_path)
+        entries = [entry for entry in model.contract() if entry.role == role]
+        check.takes_exactly(_names([e for e in entries if not e.output], layers),
+                            "model.decoder.num_hidden_layers" if role == "decoder" else f"model.{role}.inputs")
+        check.gives(_names([e for e in entries if e.output], layers))
+        for entry in entries:
+            for name in entry.names(layers):
+                check.tensor(entry, name)
 
 
 class OnnxRuntime(TokenizerAnswers):
@@ -175,7 +141,7 @@ class OnnxRuntime(TokenizerAnswers):
         self.artifact_dir = Path(artifact_dir)
         # Every graph name is contained before onnxruntime (or onnx.load) opens anything.
         self.config, self.typed_config, graphs, config_path = read_runtime_config(
-            self.artifact_dir, GENAI_CONFIG, "an ONNX export", GenaiConfig, ROLES)
+            self.artifact_dir, ONNX_CONFIG, "an ONNX export", OnnxConfig, ROLES, header=OnnxHeader)
         model = self.typed_config.model
         check_processor_files(self.artifact_dir, fix=FIX)  # tokenizer/processor files: cheap, before any graph opens
         options = _session_options(intra_op_threads)
@@ -184,13 +150,13 @@ class OnnxRuntime(TokenizerAnswers):
         check_graphs(self._sessions, graphs, model, config_path)
         self.tokenizer = load_pretrained(AutoTokenizer, self.artifact_dir, TOKENIZER)
         self.prompt = self.typed_config.prompt.spec()
-        self._eos = set(model.eos_token_id)
+        self._eos = set(model.eos_token_ids)
         check_special_tokens(self.prompt, self.tokenizer, config_path, image_token_id=model.image_token_id,
-                             image_key="model.image_token_id", eos=self._eos, eos_key="model.eos_token_id")
+                             image_key="model.image_token_id", eos=self._eos, eos_key="model.eos_token_ids")
         decoder = model.decoder
         self._kv_shape = (decoder.num_key_value_heads, decoder.head_size)
         self._past_names = decoder.past_names()
-        self._outputs = [decoder.outputs.logits] + decoder.present_names()
+        self._outputs = [decoder.outputs.logits.name] + decoder.present_names()
         self._image_token_id = model.image_token_id
 
     def close(self) -> None:
@@ -213,7 +179,7 @@ class OnnxRuntime(TokenizerAnswers):
 
     def views(self, image: Image.Image) -> tuple[np.ndarray, int, int]:
         """[views, 3, H, W] float32 and the grid of tiles (rows, cols), as the artifact's config describes."""
-        return config_image_views(self.typed_config.model.vision, image, self.artifact_dir / GENAI_CONFIG)
+        return config_image_views(self.typed_config.model.vision, image, self.artifact_dir / ONNX_CONFIG)
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """[views, 3, H, W] float32 (one view unless the spec cuts images into tiles), as the config describes."""
@@ -225,12 +191,12 @@ class OnnxRuntime(TokenizerAnswers):
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         """Every view through the vision graph in one batch: [views * image tokens, LLM hidden], view by view."""
         io = self.typed_config.model.vision
-        features = self._run("vision", [io.outputs.image_features], {io.inputs.pixel_values: pixels})[0]
+        features = self._run("vision", [io.outputs.image_features.name], {io.inputs.pixel_values.name: pixels})[0]
         return features.reshape(-1, features.shape[-1])
 
     def _embed(self, input_ids: np.ndarray) -> np.ndarray:
         io = self.typed_config.model.embedding
-        return self._run("embedding", [io.outputs.inputs_embeds], {io.inputs.input_ids: input_ids})[0]
+        return self._run("embedding", [io.outputs.inputs_embeds.name], {io.inputs.input_ids.name: input_ids})[0]
 
     def _empty_cache(self) -> dict[str, np.ndarray]:
         """A zero-length past: the prefill step's cache (the graph takes past length 0)."""
@@ -241,9 +207,9 @@ class OnnxRuntime(TokenizerAnswers):
         """One decoder call: logits of the last position and the cache extended by this call's tokens."""
         sequence = inputs_embeds.shape[1]
         names = self.typed_config.model.decoder.inputs
-        feed = {names.inputs_embeds: inputs_embeds, **past,
-                names.attention_mask: np.ones((1, past_length + sequence), dtype=np.int64),
-                names.position_ids: np.arange(past_length, past_length + sequence, dtype=np.int64)[None]}
+        feed = {names.inputs_embeds.name: inputs_embeds, **past,
+                names.attention_mask.name: np.ones((1, past_length + sequence), dtype=np.int64),
+                names.position_ids.name: np.arange(past_length, past_length + sequence, dtype=np.int64)[None]}
         logits, *present = self._run("decoder", self._outputs, feed)
         return logits[0, -1], dict(zip(self._past_names, present))
 
@@ -255,7 +221,7 @@ class OnnxRuntime(TokenizerAnswers):
         features = self._features(pixels)
         if int(slots.sum()) != features.shape[0]:
             raise UserError(f"{self.artifact_dir}: the prompt has {int(slots.sum())} image tokens, the vision graph "
-                            f"makes {features.shape[0]} features for {len(pixels)} views (genai_config.json "
+                            f"makes {features.shape[0]} features for {len(pixels)} views (onnx_config.json "
                             "disagrees with vision.onnx)")
         embeds[0, slots] = features
         logits, past = self._decode(embeds, self._empty_cache(), 0)

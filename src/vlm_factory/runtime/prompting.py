@@ -19,7 +19,7 @@ from PIL import Image
 from vlm_factory.errors import UserError
 from vlm_factory.families.base import PromptSpec
 from vlm_factory.model.prompt import MAX_ANSWER_TOKENS, Answer
-from vlm_factory.runtime.artifact_schema import EosIds, PromptSection, Schema, config_error, parse_config
+from vlm_factory.runtime.artifact_schema import PromptSection, config_error, parse_config
 
 PROMPT_FIELDS = ("template", "image_token", "image_token_repeat", "answer", "add_special_tokens")
 
@@ -35,18 +35,6 @@ def prompt_token_ids(prompt: PromptSpec, tokenizer, question: str, rows: int = 0
     """The model's prompt for one question, one image token per visual token, tokenized; for a family that
     cuts images into tiles, `rows` x `cols` is the image's grid (0, 0: one view, `image_views` says which)."""
     return tokenizer(prompt.expanded(question, rows, cols), add_special_tokens=prompt.add_special_tokens).input_ids
-
-
-class _Eos(Schema):
-    eos_token_id: EosIds
-
-
-def eos_ids(value, source: Path | str) -> set[int]:
-    """The stop tokens of a config's `eos_token_id`: one id or a list of ids (ORT GenAI writes either;
-    the ONNX and TFLite configs both carry it).
-
-    An empty list (a model without EOS) answers MAX_ANSWER_TOKENS tokens, as transformers does."""
-    return set(parse_config(_Eos, {"eos_token_id": value}, source, prefix="model").eos_token_id)
 
 
 def check_special_tokens(prompt: PromptSpec, tokenizer, source: Path | str, *, image_token_id: int,

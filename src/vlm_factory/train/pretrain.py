@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformers import LlavaProcessor
 
 from vlm_factory.config import PretrainConfig
@@ -33,6 +32,7 @@ from vlm_factory.data.scenes import COLOURS, DIGITS, SHAPES, Scene
 from vlm_factory.data.questions import QA
 from vlm_factory.data.synthetic import iter_split
 from vlm_factory.families import family_for
+from vlm_factory.logs import progress_bar
 from vlm_factory.model.features import merge_image_features, project, tower_features
 from vlm_factory.train.batches import IGNORE_INDEX, EncodedQA, encode_qa, pad_batch
 from vlm_factory.train.schedule import warmup_cosine
@@ -175,7 +175,7 @@ def prepare_data(recipe: PretrainConfig, model, processor) -> PretrainData:
             answers.append(torch.tensor(ans_row))
         chunk.clear()
 
-    for item in tqdm(images, total=recipe.n_images, desc="render pretraining set", unit="img"):
+    for item in progress_bar(images, total=recipe.n_images, desc="render pretraining set", unit="img"):
         chunk.append(item)
         if len(chunk) == 512:
             flush()
@@ -238,7 +238,7 @@ def pretrain(model, processor: LlavaProcessor, recipe: PretrainConfig,
     pad_id = processor.tokenizer.pad_token_id
     history: list[dict] = []
     started = time.perf_counter()
-    bar = tqdm(range(recipe.steps), desc="pretrain base", unit="step")
+    bar = progress_bar(range(recipe.steps), desc="pretrain base", unit="step")
     for step in bar:
         model.train()
         idx = torch.randint(len(data.qas), (recipe.batch_images,), generator=generator)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from vlm_factory.config import TrainConfig
 from vlm_factory.data.images import load_image
 from vlm_factory.data.records import VQARecord
 from vlm_factory.families import ModelFamily, PromptSpec, family_for
+from vlm_factory.logs import progress_bar
 from vlm_factory.train.batches import EncodedQA, encode_qa, pad_batch
 from vlm_factory.train.schedule import warmup_cosine
 
@@ -129,7 +129,7 @@ def cache_tower_features(family: ModelFamily, model, processor, data_dir: Path, 
                          batch_size: int = 128) -> TowerFeatures:
     """The tower's features of each image's views (family.image_views), in the order of `image_paths`."""
     chunks, starts, grids = [], [0], []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc="cache tower features", unit="batch"):
+    for start in progress_bar(range(0, len(image_paths), batch_size), desc="cache tower features", unit="batch"):
         images = [load_image(data_dir / p) for p in image_paths[start:start + batch_size]]
         views = family.image_views(processor.image_processor, images)
         pixel_values = torch.cat([v.pixel_values for v in views])
@@ -213,7 +213,7 @@ def finetune_projector(model, processor, records: list[VQARecord], data_dir: Pat
 
     losses: list[float] = []
     step = 0
-    bar = tqdm(total=cfg.steps, desc="finetune projector", unit="step", disable=not accelerator.is_main_process)
+    bar = progress_bar(total=cfg.steps, desc="finetune projector", unit="step", disable=not accelerator.is_main_process)
     while step < cfg.steps:
         for batch in loader:
             trainable.train()
