@@ -152,6 +152,7 @@ _CHATTY = (
     "coremltools",  # every op it converts or removes (thousands of lines per export)
     "onnxscript", "onnx_ir",  # the ONNX exporter's passes, a line per node ("Skipping constant folding for node")
     "jax._src.xla_bridge",  # jax (litert-torch lowers some ops through it) probing for a TPU ("Unable to ...")
+    "gguf.gguf_writer",  # "This GGUF file is for Little Endian only", "Writing the following files": ours says what
 )
 
 
