@@ -369,3 +369,18 @@ def test_fetching_a_release_checks_its_signature_first_and_every_file(release_in
     (folder / "budget.json").write_text("{}")
     with pytest.raises(UserError, match="budget.json: changed since it was fetched"):
         fetch_release(store, TIER, release["version"], tmp_path / "cache", None)
+
+
+def test_a_release_fetched_from_s3_is_what_was_published(release_inputs, s3_endpoint, bucket, signing_key, tmp_path):
+    """`ask --artifact s3://...` fetches through S3Store.get_file (streamed to a temporary file, hashed)."""
+    from vlm_factory.publish.fetch import fetch_release
+
+    store = _s3(s3_endpoint, bucket)
+    release = _publish(release_inputs, store)["releases"][TIER]
+    folder = fetch_release(store, TIER, "latest", tmp_path / "cache", signing_key.with_name("release.pem.pub").read_bytes())
+    for fmt, name in (("onnx", "text.onnx"), ("gguf", "mmproj-Q8_0.gguf")):  # text.onnx: 11 MiB, several chunks
+        assert (folder / fmt / name).read_bytes() == (release_inputs["export_root"] / TIER / fmt / name).read_bytes()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"] == release["version"] and set(manifest["files"]) == {
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in (
+            "manifest.json", "manifest.sig", ".complete")}
